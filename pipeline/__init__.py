@@ -1,0 +1,14 @@
+"""wan-batch: Parquet manifest -> staged, cached, resumable Wan2.1/Wan2.2 video generation on Luigi.
+
+Importing this package (as `luigi --module pipeline RunManifest ...` does) configures Luigi so the product's
+command works as written: the local scheduler unless a scheduler host is configured, and exit codes that are
+non-zero when a row or task failed (Luigi's defaults are 0)."""
+__version__ = "0.1.0"
+
+from .luigi_setup import configure_luigi
+
+configure_luigi()
+
+from tasks import DecodeVideo, Denoise, EncodeImage, EncodeText, RunManifest  # noqa: E402
+
+__all__ = ["RunManifest", "EncodeText", "EncodeImage", "Denoise", "DecodeVideo", "__version__"]

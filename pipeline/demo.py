@@ -1,0 +1,40 @@
+"""The demo manifest: a few T2V rows and one I2V row whose image is drawn here (no files to download)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+DEMO_ROWS = [
+    {"job_id": "red-circle-left", "prompt": "a red circle moving left on a blue background", "seed": 1},
+    {"job_id": "green-square-right", "prompt": "a green square moving right on a black background", "seed": 2},
+    {"job_id": "yellow-triangle-up", "prompt": "a yellow triangle moving up on a purple background", "seed": 3},
+    {"job_id": "red-circle-left-seed7", "prompt": "a red circle moving left on a blue background", "seed": 7},
+    {"job_id": "i2v-white-circle-down", "prompt": "a white circle moving down on a green background", "seed": 4,
+     "image": "demo_first_frame.png"},
+]
+
+
+def draw_first_frame(path: Path, size: int = 96) -> None:
+    img = Image.new("RGB", (size, size), (30, 140, 60))
+    r = size // 6
+    ImageDraw.Draw(img).ellipse((size // 2 - r, size // 4 - r, size // 2 + r, size // 4 + r), fill=(245, 245, 245))
+    img.save(path)
+
+
+def write_demo_manifest(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    draw_first_frame(folder / "demo_first_frame.png")
+    columns = {k: [row.get(k) for row in DEMO_ROWS] for k in ("job_id", "prompt", "seed", "image")}
+    table = pa.table({"job_id": pa.array(columns["job_id"], pa.string()),
+                      "prompt": pa.array(columns["prompt"], pa.string()),
+                      "seed": pa.array(columns["seed"], pa.int64()),
+                      "image": pa.array(columns["image"], pa.string())})
+    pq.write_table(table, folder / "demo.parquet")
+    return folder / "demo.parquet"
+
+
+if __name__ == "__main__":
+    print(write_demo_manifest(Path(__file__).resolve().parents[1] / "manifests"))

@@ -1,0 +1,142 @@
+"""Run one stage spec: load its inputs from the store, get its model from the resident cache, call the
+pure stage function, check the output is finite, write the artifact atomically. Luigi tasks call `run_spec`;
+so do the debugging commands."""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from typing import Any, Callable
+
+import torch
+
+from . import __version__
+from .errors import StageFailed
+from .models.loader import ModelRef, load_component
+from .plan import STAGE_VERSION, StageSpec
+from .runtime import MODELS, default_budget
+from .stages.decode import decode_latents, to_uint8, write_mp4
+from .stages.denoise import denoise_steps, initial_noise
+from .stages.image import encode_image_condition, load_image_rgb, resize_center_crop
+from .stages.schedule import export_state, import_state, make_scheduler
+from .stages.text import encode_text
+from .store import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device(spec: StageSpec) -> torch.device:
+    return torch.device(spec.runtime["device"])
+
+
+def get_model(spec: StageSpec) -> Any:
+    """The spec's model from the process-wide cache (loaded at most once while it fits the budget)."""
+    ref = ModelRef.from_dict(spec.model)
+    component = spec.model["component"]
+    device, dtype = _device(spec), _DTYPES[spec.runtime["dtype"]]
+    gb = spec.runtime.get("vram_budget_gb" if device.type == "cuda" else "ram_budget_gb")
+    budget = int(gb * 2**30) if gb else default_budget(device)
+    fp = spec.params.get("model") or spec.params.get("dit") or spec.params.get("vae")
+    estimate = _estimate_bytes(ref, component)
+    return MODELS.get((component, fp, str(device), str(dtype)),
+                      lambda: load_component(ref, component, device, dtype), budget, estimate)
+
+
+def _estimate_bytes(ref: ModelRef, component: str) -> int:
+    from pathlib import Path
+
+    from .models.loader import COMPONENTS
+
+    total = 0
+    for sub in COMPONENTS[component]:
+        total += sum(f.stat().st_size for f in (Path(ref.path) / sub).rglob("*.safetensors"))
+    return total
+
+
+def _check_finite(name: str, tensor: torch.Tensor, spec: StageSpec) -> None:
+    bad = (~torch.isfinite(tensor)).sum().item()
+    if bad:
+        raise StageFailed(f"{spec.stage} produced {bad} non-finite values in '{name}' "
+                          f"(of {tensor.numel()}); the artifact was not written")
+
+
+def _sidecar(spec: StageSpec, run_id: str, seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "stage_version": STAGE_VERSION[spec.family], "params": spec.params,
+        "upstream": {name: up.key for name, up in spec.upstream.items()},
+        "model": spec.model, "wall_s": round(seconds, 4), "device": spec.runtime["device"], "run_id": run_id,
+        "software": {"wan_batch": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        **(extra or {}),
+    }
+
+
+def run_text(spec: StageSpec, store: ArtifactStore, run_id: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    tokenizer, encoder = get_model(spec)
+    context, seq_len = encode_text(tokenizer, encoder, spec.params["prompt"], spec.params["text_len"])
+    _check_finite("context", context, spec)
+    return store.write_tensors(spec.ref, {"context": context},
+                               _sidecar(spec, run_id, time.perf_counter() - t0, {"seq_len": seq_len}))
+
+
+def run_image(spec: StageSpec, store: ArtifactStore, run_id: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    p = spec.params
+    image = resize_center_crop(load_image_rgb(spec.model["image"]), p["width"], p["height"])
+    vae = get_model(spec)
+    cond = encode_image_condition(vae, image, p["num_frames"])
+    _check_finite("cond", cond, spec)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(p["height"], p["width"], 3)
+    return store.write_tensors(spec.ref, {"cond": cond, "image": pixels},
+                               _sidecar(spec, run_id, time.perf_counter() - t0))
+
+
+def run_denoise(spec: StageSpec, store: ArtifactStore, run_id: str,
+                on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    p, device = spec.params, _device(spec)
+    sched = make_scheduler(p["schedule"])
+    if "prev" in spec.upstream:
+        prev = spec.upstream["prev"]
+        tensors = store.load_tensors(prev.ref, device)
+        latents = tensors["latents"]
+        import_state(sched, tensors, store.sidecar(prev.ref)["scheduler_state"], device)
+    else:
+        latents = initial_noise(p["seed"], tuple(p["latent_shape"])).to(device)
+    transformer = get_model(spec)
+    context = store.load_tensors(spec.upstream["text"].ref, device)["context"].to(transformer.dtype)
+    context_null = None
+    if p["cfg"]:
+        context_null = store.load_tensors(spec.upstream["text_null"].ref, device)["context"].to(transformer.dtype)
+    cond = store.load_tensors(spec.upstream["image"].ref, device)["cond"] if "image" in spec.upstream else None
+    steps = range(*p["steps"])
+    latents = denoise_steps(transformer, sched, latents, steps, context, context_null, p["guide_scale"] or 1.0,
+                            cond=cond, on_step=on_step)
+    _check_finite("latents", latents, spec)
+    state_tensors, state_meta = export_state(sched)
+    return store.write_tensors(spec.ref, {"latents": latents, **state_tensors},
+                               _sidecar(spec, run_id, time.perf_counter() - t0,
+                                        {"scheduler_state": state_meta, "steps_run": len(steps)}))
+
+
+def run_decode(spec: StageSpec, store: ArtifactStore, run_id: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    latents = store.load_tensors(spec.upstream["latents"].ref)["latents"]
+    vae = get_model(spec)
+    frames = decode_latents(vae, latents)
+    _check_finite("frames", frames, spec)
+    pixels = to_uint8(frames)
+    fps, crf = spec.params["fps"], spec.params["crf"]
+    return store.write_file(spec.ref, lambda tmp: write_mp4(pixels, fps, tmp, crf),
+                            _sidecar(spec, run_id, time.perf_counter() - t0,
+                                     {"frames": int(pixels.shape[0]), "height": int(pixels.shape[1]),
+                                      "width": int(pixels.shape[2])}))
+
+
+RUNNERS = {"text": run_text, "image": run_image, "denoise": run_denoise, "decode": run_decode}
+
+
+def run_spec(spec: StageSpec, store: ArtifactStore, run_id: str = "", **kwargs) -> dict[str, Any]:
+    return RUNNERS[spec.family](spec, store, run_id, **kwargs)

@@ -1,0 +1,38 @@
+"""Luigi settings the product relies on, applied at import unless the user configured them."""
+from __future__ import annotations
+
+import luigi.configuration
+
+# Exit codes of `luigi --module pipeline RunManifest ...` (Luigi's own defaults are 0 for failures).
+RETCODES = {
+    "unhandled_exception": 40,
+    "scheduling_error": 35,
+    "task_failed": 30,
+    "not_run": 25,
+    "missing_data": 20,
+    "already_running": 10,
+}
+_SCHEDULER_OPTIONS = ("default_scheduler_host", "default-scheduler-host", "scheduler_host",
+                      "default_scheduler_url", "default-scheduler-url", "local_scheduler", "local-scheduler")
+
+
+def _has(cfg, section: str, option: str) -> bool:
+    try:
+        return cfg.has_option(section, option)
+    except Exception:
+        return False
+
+
+def _set(cfg, section: str, option: str, value: str) -> None:
+    if hasattr(cfg, "has_section") and not cfg.has_section(section):
+        cfg.add_section(section)
+    cfg.set(section, option, value)
+
+
+def configure_luigi() -> None:
+    cfg = luigi.configuration.get_config()
+    if not any(_has(cfg, "core", opt) for opt in _SCHEDULER_OPTIONS):
+        _set(cfg, "core", "local_scheduler", "true")  # no luigid needed; a configured host still wins
+    for name, code in RETCODES.items():
+        if not _has(cfg, "retcode", name):
+            _set(cfg, "retcode", name, str(code))

@@ -1,0 +1,183 @@
+"""Parquet manifest: schema, validation that lists every problem by row and column, job expansion.
+
+Manifest-level problems (unreadable file, no `prompt` column, wrong column types, duplicate or unsafe job ids)
+refuse the whole manifest. Row-level problems (missing image, bad override) mark that row failed and let the
+others run; `strict=True` turns them into a refusal too.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import ROW_OVERRIDES, GenerationConfig, check_values
+from .errors import ManifestError, WanBatchError
+
+log = logging.getLogger(__name__)
+
+STRING_COLUMNS = ("prompt", "job_id", "negative_prompt", "image")
+INT_COLUMNS = ("seed", "height", "width", "num_frames", "infer_steps")
+FLOAT_COLUMNS = ("guide_scale", "shift")
+KNOWN_COLUMNS = set(STRING_COLUMNS) | set(INT_COLUMNS) | set(FLOAT_COLUMNS)
+SAFE_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class Job:
+    row: int
+    job_id: str
+    prompt: str
+    negative_prompt: str | None
+    image: str | None  # absolute path; a row with an image is image-to-video
+    seed: int
+    overrides: dict[str, Any] = field(default_factory=dict)  # config key -> value
+    error: str | None = None  # row-level problem: the row is reported failed, not run
+
+    @property
+    def task(self) -> str:
+        return "i2v" if self.image else "t2v"
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "job"
+
+
+def derive_job_id(values: dict[str, Any]) -> str:
+    """Stable id from the row's content, so re-ordering a manifest does not rename its videos."""
+    digest = hashlib.sha256(repr(sorted(values.items())).encode()).hexdigest()[:8]
+    return f"{_slug(str(values.get('prompt') or ''))}-{digest}"
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
+
+
+def read_table(path: Path) -> pa.Table:
+    if not path.is_file():
+        raise ManifestError(str(path), ["file not found"])
+    try:
+        return pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a non-Parquet file
+        raise ManifestError(str(path), [f"not a readable Parquet file ({type(e).__name__}: {e})"]) from None
+
+
+def _schema_problems(table: pa.Table) -> list[str]:
+    problems = []
+    names = table.schema.names
+    if "prompt" not in names:
+        problems.append(f"missing required column 'prompt' (columns present: {', '.join(names) or 'none'})")
+    if len(set(names)) != len(names):
+        problems.append("duplicate column names")
+    for name in names:
+        t = table.schema.field(name).type
+        if name in STRING_COLUMNS and not _is_string(t):
+            problems.append(f"column '{name}' must hold strings, not {t}")
+        elif name in INT_COLUMNS + FLOAT_COLUMNS and not _is_number(t):
+            problems.append(f"column '{name}' must hold numbers, not {t}")
+    unknown = [n for n in names if n not in KNOWN_COLUMNS]
+    if unknown:
+        log.warning("manifest columns %s are not used (known: %s)", unknown, sorted(KNOWN_COLUMNS))
+    if table.num_rows == 0 and not problems:
+        problems.append("the manifest has no rows")
+    return problems
+
+
+def _int_value(value: Any, column: str) -> tuple[int | None, str | None]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, f"column '{column}' is empty (NaN/null)"
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            return None, f"column '{column}' must be a whole number, got {value!r}"
+        value = int(value)
+    return int(value), None
+
+
+def read_manifest(path: str | Path, config: GenerationConfig, strict: bool = False,
+                  check_image=None) -> list[Job]:
+    """Validate and expand a manifest. `check_image(path) -> None` raises on an unusable image."""
+    path = Path(path).resolve()
+    table = read_table(path)
+    problems = _schema_problems(table)
+    if problems:
+        raise ManifestError(str(path), problems)
+
+    rows = table.to_pylist()
+    jobs: list[Job] = []
+    manifest_problems: list[str] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(rows):
+        errors: list[str] = []
+        prompt = raw.get("prompt")
+        if prompt is None or not str(prompt).strip():
+            errors.append("column 'prompt' is empty")
+        job_id = raw.get("job_id")
+        if job_id is None:
+            job_id = derive_job_id({k: v for k, v in raw.items() if k in KNOWN_COLUMNS})
+        elif not SAFE_JOB_ID.match(job_id) or ".." in job_id:
+            manifest_problems.append(
+                f"row {i}, column 'job_id': {job_id!r} is not safe as a file name "
+                "(use letters, digits, '.', '_', '-'; no path separators or '..')")
+        if job_id in seen:
+            manifest_problems.append(f"row {i}, column 'job_id': {job_id!r} duplicates row {seen[job_id]}")
+        seen.setdefault(job_id, i)
+
+        seed = config["seed"]
+        if "seed" in raw:
+            value, err = _int_value(raw["seed"], "seed")
+            if err:
+                errors.append(err)
+            else:
+                seed = value
+                if not 0 <= seed < 2**63:
+                    errors.append(f"column 'seed' must be between 0 and 2^63-1, got {seed}")
+
+        overrides: dict[str, Any] = {}
+        for column, key in ROW_OVERRIDES.items():
+            if column not in raw or raw[column] is None:
+                continue
+            value = raw[column]
+            if column in INT_COLUMNS:
+                value, err = _int_value(value, column)
+                if err:
+                    errors.append(err)
+                    continue
+            elif isinstance(value, float) and math.isnan(value):
+                continue  # NaN in a float override column means "use the config's value"
+            overrides[key] = value
+        errors += check_values(overrides, where="column", names={k: c for c, k in ROW_OVERRIDES.items()})
+
+        image = raw.get("image")
+        if image:
+            image_path = Path(image)
+            image_path = image_path if image_path.is_absolute() else (path.parent / image_path)
+            image = str(image_path.resolve())
+            if check_image is not None:
+                try:
+                    check_image(image)
+                except WanBatchError as e:
+                    errors.append(f"column 'image': {e}")
+        jobs.append(Job(row=i, job_id=job_id, prompt=str(prompt or ""),
+                        negative_prompt=raw.get("negative_prompt"), image=image or None, seed=seed,
+                        overrides=overrides,
+                        error="; ".join(f"row {i}: {e}" for e in errors) or None))
+
+    if manifest_problems:
+        raise ManifestError(str(path), manifest_problems)
+    row_problems = [j.error for j in jobs if j.error]
+    if strict and row_problems:
+        raise ManifestError(str(path), row_problems)
+    for msg in row_problems:
+        log.warning("manifest %s: %s (this row is skipped and reported failed)", path.name, msg)
+    return jobs

@@ -1,0 +1,118 @@
+"""The embedded tiny model: Wan2.2 A14B in miniature, written in the real diffusers layout.
+
+Same classes and key names as Wan-AI/Wan2.2-{T2V,I2V}-A14B-Diffusers (UMT5EncoderModel, T5 tokenizer,
+two WanTransformer3DModel experts `transformer` (high noise) and `transformer_2` (low noise), AutoencoderKLWan,
+UniPC flow scheduler), so it is loaded by the very loader a full-size model uses. The I2V variant's DiT takes
+the 36-channel input (16 noise + 4 mask + 16 image-latent channels). Weights are seeded, so every machine
+builds the same files; they are generated on first use into a cache folder (a few MB, well under a second).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_VERSION = 1
+TEXT_DIM = 32
+
+# Characters plus whole words of the demo vocabulary: any ASCII prompt tokenizes, common words are one token.
+_WORDS = (
+    "a an the and of on in with to moving moves left right up down circle square triangle red green blue "
+    "yellow white black orange purple cyan magenta background cat dog city night day sunset beach sea sky "
+    "mountain forest street car person walking running flying slowly quickly camera video photo"
+).split()
+
+DIT_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+    text_dim=TEXT_DIM, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
+)
+VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+T5_CONFIG = dict(d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                 relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                 layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+SCHEDULER_CONFIG = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                        flow_shift=5.0, solver_order=2)
+BOUNDARY = {"t2v": 0.875, "i2v": 0.900}  # Wan2.2 A14B's own switch points
+
+
+def cache_root() -> Path:
+    base = os.environ.get("WAN_BATCH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "wan-batch")
+    return Path(base) / f"tiny-v{TINY_VERSION}"
+
+
+def build_tokenizer(out_dir: Path):
+    """A T5-style (Unigram + metaspace) tokenizer built offline, saved as the real tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(f"\u2581{w}", -1.0) for w in _WORDS]
+    vocab += [(c, -5.0) for c in chars] + [(f"\u2581{c}", -4.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    fast = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+    return contextlib.nullcontext()
+
+
+def build_tiny_model(out: Path, task: str) -> None:
+    """Write one tiny model (t2v or i2v) in the diffusers layout to `out`."""
+    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
+                           WanTransformer3DModel)
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tokenizer(Path(tempfile.mkdtemp()))
+    with _seeded(1):  # shared by both tasks, like the real T5 and VAE
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **T5_CONFIG)).eval()
+    with _seeded(2):
+        vae = AutoencoderKLWan(**VAE_CONFIG).eval()
+    in_channels = 36 if task == "i2v" else 16
+    base_seed = 10 if task == "t2v" else 20
+    with _seeded(base_seed + 1):
+        high = WanTransformer3DModel(**{**DIT_CONFIG, "in_channels": in_channels}).eval()
+    with _seeded(base_seed + 2):
+        low = WanTransformer3DModel(**{**DIT_CONFIG, "in_channels": in_channels}).eval()
+    scheduler = UniPCMultistepScheduler(**SCHEDULER_CONFIG)
+    cls = WanImageToVideoPipeline if task == "i2v" else WanPipeline
+    pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=high,
+               transformer_2=low, boundary_ratio=BOUNDARY[task])
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def ensure_tiny_models(root: Path | None = None) -> Path:
+    """Build the tiny T2V and I2V models once (cross-process lock, atomic rename); return their folder."""
+    root = root or cache_root()
+    if (root / "t2v" / "model_index.json").is_file() and (root / "i2v" / "model_index.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if (root / "t2v" / "model_index.json").is_file() and (root / "i2v" / "model_index.json").is_file():
+            return root
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        try:
+            for task in ("t2v", "i2v"):
+                build_tiny_model(tmp / task, task)
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root

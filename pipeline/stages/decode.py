@@ -1,0 +1,51 @@
+"""DecodeVideo: final latents -> RGB frames (VAE) -> H.264 MP4 (ffmpeg-python + imageio-ffmpeg's binary)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Frames [F, H, W, 3] float in [0, 1], as diffusers' pipelines return them (output_type='np')."""
+    device = next(vae.parameters()).device
+    latents = latents.to(device, vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(device, latents.dtype)
+    video = vae.decode(latents / inv_std + mean, return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
+    video = (video.float() / 2 + 0.5).clamp(0, 1)
+    return video[0].permute(1, 2, 3, 0).cpu()
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    return (frames * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def ffmpeg_exe() -> str:
+    """The system ffmpeg if there is one, else the binary that ships inside imageio-ffmpeg."""
+    system = shutil.which("ffmpeg")
+    if system:
+        return system
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18) -> None:
+    """H.264 yuv420p MP4. Bit-exact flags and a fixed x264 thread count (x264 output depends on the thread
+    count only) make a re-run give the same bytes on any machine."""
+    import ffmpeg
+
+    n, h, w, _ = frames.shape
+    pad_h, pad_w = h % 2, w % 2  # yuv420p needs even sizes
+    stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", r=fps)
+    if pad_h or pad_w:
+        stream = stream.filter("pad", w + pad_w, h + pad_h)
+    stream = ffmpeg.output(stream, str(path), format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=crf,
+                           preset="medium", threads=4, movflags="+faststart", map_metadata=-1,
+                           **{"fflags": "+bitexact", "flags:v": "+bitexact"})
+    ffmpeg.run(stream, cmd=ffmpeg_exe(), input=np.ascontiguousarray(frames).tobytes(), quiet=True,
+               overwrite_output=True)

@@ -1,0 +1,77 @@
+"""EncodeImage (I2V): image file -> resized/cropped RGB -> the 20-channel condition (4 mask + 16 latent)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import WanBatchError
+
+MIN_IMAGE_SIDE = 16
+
+
+def load_image_rgb(path: str) -> Image.Image:
+    """Open any common image as 8-bit RGB (EXIF orientation applied), or raise naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale, don't clip
+                arr = np.asarray(img, dtype=np.float64)
+                peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+            elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            img = img.convert("RGB")
+    except FileNotFoundError:
+        raise WanBatchError(f"image file not found: {path}") from None
+    except UnidentifiedImageError:
+        raise WanBatchError(f"not an image (unrecognised format): {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise WanBatchError(f"image file is damaged or truncated: {path} ({e})") from None
+    if min(img.size) < MIN_IMAGE_SIDE:
+        raise WanBatchError(f"image {path} is {img.size[0]}x{img.size[1]}, smaller than "
+                            f"{MIN_IMAGE_SIDE} px on a side")
+    return img
+
+
+def check_image(path: str) -> None:
+    load_image_rgb(path)
+
+
+def resize_center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale so the image covers width x height, then crop the centre: any input size or aspect works."""
+    scale = max(width / img.width, height / img.height)
+    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    img = img.resize(size, Image.Resampling.LANCZOS)
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def first_frame_mask(num_frames: int, latent_h: int, latent_w: int, temporal: int = 4) -> torch.Tensor:
+    """[1, 4, T', h, w]: 1 where a latent frame is given by the image. Same construction as Wan's I2V."""
+    mask = torch.ones(1, 1, num_frames, latent_h, latent_w)
+    mask[:, :, 1:] = 0
+    first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=temporal)
+    mask = torch.concat([first, mask[:, :, 1:]], dim=2)
+    return mask.view(1, -1, temporal, latent_h, latent_w).transpose(1, 2)
+
+
+@torch.no_grad()
+def encode_image_condition(vae, image: Image.Image, num_frames: int) -> torch.Tensor:
+    """cond [1, 20, T', H/8, W/8]: the first-frame mask and the normalised VAE latent of [image, zeros...]."""
+    from diffusers.video_processor import VideoProcessor
+
+    width, height = image.size
+    device = next(vae.parameters()).device
+    pixels = VideoProcessor(vae_scale_factor=8).preprocess(image, height=height, width=width)
+    pixels = pixels.to(device, torch.float32).unsqueeze(2)
+    video = torch.cat([pixels, pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
+    latent = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+    latent = (latent - mean) * inv_std
+    mask = first_frame_mask(num_frames, latent.shape[3], latent.shape[4]).to(device)
+    return torch.cat([mask, latent], dim=1)

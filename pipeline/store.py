@@ -1,0 +1,209 @@
+"""Artifact store: content-addressed stage outputs with a JSON sidecar, atomic writes, integrity checks.
+
+Layout: <root>/<stage>/<key[:2]>/<key>.<ext> (the payload: safetensors, or mp4 for decode) and <key>.json
+(the sidecar, written last: it marks completion and holds the payload's size and sha256). A payload without a
+valid sidecar, or whose size/sha256 disagree with it, is never trusted: the stage is recomputed.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def cache_key(stage: str, version: int, params: dict[str, Any], upstream: dict[str, str]) -> str:
+    """sha256 of everything that determines a stage's output: stage, its version, params, upstream keys."""
+    doc = {"stage": stage, "version": version, "params": params, "upstream": upstream}
+    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yield a temp path in dest's folder; on success fsync it and rename over dest, else remove it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + dest.suffix, dir=dest.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make published videos private
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_text(dest: Path, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    stage: str
+    key: str
+    ext: str = "safetensors"
+
+
+class ArtifactStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+        self._verified: dict[Path, tuple[int, int, int]] = {}  # payload -> (size, mtime_ns, sidecar mtime)
+
+    # -- paths -----------------------------------------------------------------------------------------
+    def folder(self, stage: str, key: str) -> Path:
+        return self.root / stage / key[:2]
+
+    def payload_path(self, ref: ArtifactRef) -> Path:
+        return self.folder(ref.stage, ref.key) / f"{ref.key}.{ref.ext}"
+
+    def sidecar_path(self, ref: ArtifactRef) -> Path:
+        return self.folder(ref.stage, ref.key) / f"{ref.key}.json"
+
+    def failure_path(self, ref: ArtifactRef) -> Path:
+        return self.folder(ref.stage, ref.key) / f"{ref.key}.failed.json"
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def sidecar(self, ref: ArtifactRef) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.sidecar_path(ref).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def check(self, ref: ArtifactRef) -> tuple[bool, str]:
+        """(ok, reason). Verifies sidecar, payload size and sha256; the result is memoised per file state."""
+        side_path, payload = self.sidecar_path(ref), self.payload_path(ref)
+        try:
+            side_stat = side_path.stat()
+        except FileNotFoundError:
+            return False, "missing"
+        try:
+            st = payload.stat()
+        except FileNotFoundError:
+            return False, f"payload {payload} is missing but its sidecar exists"
+        state = (st.st_size, st.st_mtime_ns, side_stat.st_mtime_ns)
+        if self._verified.get(payload) == state:
+            return True, "ok"
+        side = self.sidecar(ref)
+        if side is None or side.get("key") != ref.key or "sha256" not in side:
+            return False, f"sidecar {side_path} is unreadable or belongs to another artifact"
+        if side.get("size") != st.st_size:
+            return False, f"{payload} has {st.st_size} bytes, its sidecar says {side.get('size')}"
+        if sha256_file(payload) != side["sha256"]:
+            return False, f"{payload} does not match the sha256 in its sidecar"
+        self._verified[payload] = state
+        return True, "ok"
+
+    def is_complete(self, ref: ArtifactRef) -> bool:
+        ok, reason = self.check(ref)
+        if not ok and reason != "missing":
+            log.warning("artifact %s/%s is corrupt and will be recomputed: %s", ref.stage, ref.key[:12], reason)
+        return ok
+
+    def load_tensors(self, ref: ArtifactRef, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        ok, reason = self.check(ref)
+        if not ok:
+            raise FileNotFoundError(f"artifact {ref.stage}/{ref.key} is not usable: {reason}")
+        return load_file(self.payload_path(ref), device=str(device))
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def _finish(self, ref: ArtifactRef, payload: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
+        side = dict(sidecar, stage=ref.stage, key=ref.key, payload=payload.name,
+                    size=payload.stat().st_size, sha256=sha256_file(payload), written_at=time.time())
+        atomic_write_text(self.sidecar_path(ref), json.dumps(side, indent=1, sort_keys=True, default=str))
+        with contextlib.suppress(FileNotFoundError):
+            self.failure_path(ref).unlink()
+        return side
+
+    def write_tensors(self, ref: ArtifactRef, tensors: dict[str, torch.Tensor],
+                      sidecar: dict[str, Any]) -> dict[str, Any]:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        shapes = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()}
+        self.sidecar_path(ref).unlink(missing_ok=True)  # an old sidecar must not vouch for the new payload
+        with atomic_path(self.payload_path(ref)) as tmp:
+            save_file(tensors, str(tmp), metadata={"stage": ref.stage, "key": ref.key})
+        return self._finish(ref, self.payload_path(ref), dict(sidecar, tensors=shapes))
+
+    def write_file(self, ref: ArtifactRef, produce, sidecar: dict[str, Any]) -> dict[str, Any]:
+        """`produce(tmp_path)` writes the payload (e.g. ffmpeg muxing an MP4) to a temp path first."""
+        self.sidecar_path(ref).unlink(missing_ok=True)
+        with atomic_path(self.payload_path(ref)) as tmp:
+            produce(tmp)
+        return self._finish(ref, self.payload_path(ref), sidecar)
+
+    def record_failure(self, ref: ArtifactRef, error: str, run_id: str) -> None:
+        doc = {"stage": ref.stage, "key": ref.key, "error": error, "run_id": run_id, "at": time.time()}
+        atomic_write_text(self.failure_path(ref), json.dumps(doc, indent=1))
+
+    def failure(self, ref: ArtifactRef) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.failure_path(ref).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def invalidate(self, ref: ArtifactRef) -> None:
+        """Remove an artifact (sidecar first, so a crash in between leaves it incomplete, not trusted)."""
+        for path in (self.sidecar_path(ref), self.payload_path(ref), self.failure_path(ref)):
+            path.unlink(missing_ok=True)
+        self._verified.pop(self.payload_path(ref), None)
+
+    @contextlib.contextmanager
+    def lock(self, ref: ArtifactRef) -> Iterator[None]:
+        """Exclusive per-artifact lock across processes (flock), so two runs never compute one artifact twice."""
+        folder = self.folder(ref.stage, ref.key)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{ref.key}.lock", "a+") as f:
+            while True:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                    break
+                except OSError as e:  # EINTR
+                    if e.errno != errno.EINTR:
+                        raise
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,112 @@
+"""RunManifest: validate the manifest, require one DecodeVideo per row, then publish the videos and
+results.parquet. Rows that failed (at validation or in any stage) are reported with their error; the
+others finish; the task then fails so the process exits non-zero (see pipeline's Luigi retcodes)."""
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from functools import cached_property
+from pathlib import Path
+
+import luigi
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import load_config
+from pipeline.errors import RowsFailed
+from pipeline.manifest import read_manifest
+from pipeline.plan import JobPlan, plan_jobs
+from pipeline.stages.image import check_image
+from pipeline.store import atomic_path, sha256_file
+
+from .stages import open_store, task_for
+
+log = logging.getLogger("wan_batch.tasks")
+
+STAGE_COLUMNS = ("text", "image", "denoise-high", "denoise-low", "denoise-single", "decode")
+
+
+class RunManifest(luigi.Task):
+    manifest = luigi.Parameter(description="Parquet manifest, one row per video")
+    config = luigi.Parameter(default="", description="LightX2V-style JSON config (default: embedded tiny model)")
+    output_dir = luigi.Parameter(default="outputs")
+    store = luigi.Parameter(default="wan-store", description="artifact store, shared across batches")
+    strict = luigi.BoolParameter(default=False, description="refuse the manifest on any row-level problem")
+    run_id = luigi.Parameter(default="", significant=False)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        self._finished = False
+
+    @cached_property
+    def plans(self) -> list[JobPlan]:
+        config = load_config(self.config or None)
+        jobs = read_manifest(self.manifest, config, strict=self.strict, check_image=check_image)
+        return plan_jobs(jobs, config)
+
+    def requires(self):
+        return [task_for(p.decode, self.store, self.run_id) for p in self.plans if p.decode is not None]
+
+    def complete(self) -> bool:
+        return self._finished  # re-checked on every invocation: cheap when all stages are cached
+
+    def run(self) -> None:
+        out = Path(self.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [self._result(p, out) for p in self.plans]
+        table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+        with atomic_path(out / "results.parquet") as tmp:
+            pq.write_table(table, tmp)
+        self._finished = True
+        failed = [r for r in rows if r["status"] != "ok"]
+        log.info("batch done: %d ok, %d failed; results in %s", len(rows) - len(failed), len(failed),
+                 out / "results.parquet")
+        if failed:
+            raise RowsFailed(f"{len(failed)} of {len(rows)} rows failed, e.g. {failed[0]['job_id']}: "
+                             f"{failed[0]['error']}")
+
+    def _result(self, plan: JobPlan, out: Path) -> dict:
+        job = plan.job
+        row = {"job_id": job.job_id, "row": job.row, "task": job.task, "prompt": job.prompt, "seed": job.seed,
+               "status": "failed", "video": None, "error": plan.error, "cached_stages": [],
+               **{f"seconds_{s}": None for s in STAGE_COLUMNS}}
+        if plan.decode is None:
+            return row
+        store = open_store(self.store)
+        for name, spec in plan.stages().items():
+            if name not in STAGE_COLUMNS:
+                continue
+            failure = store.failure(spec.ref)
+            if failure and failure.get("run_id") == self.run_id:
+                row["error"] = row["error"] or f"stage {spec.stage}: {failure['error']}"
+                continue
+            side = store.sidecar(spec.ref)
+            if side:
+                row[f"seconds_{name}"] = side.get("wall_s")
+                if side.get("run_id") != self.run_id:
+                    row["cached_stages"].append(name)
+        if row["error"] is None and store.is_complete(plan.decode.ref):
+            video = out / f"{job.job_id}.mp4"
+            publish(store.payload_path(plan.decode.ref), video)
+            row.update(status="ok", video=str(video))
+        elif row["error"] is None:
+            row["error"] = "the video was not produced (the run was interrupted?)"
+        return row
+
+
+def publish(src: Path, dest: Path) -> None:
+    """Copy a finished video into the output folder atomically (skipped when it is already identical)."""
+    if dest.is_file() and dest.stat().st_size == src.stat().st_size and sha256_file(dest) == sha256_file(src):
+        return
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+RESULT_SCHEMA = pa.schema([
+    ("job_id", pa.string()), ("row", pa.int64()), ("task", pa.string()), ("prompt", pa.string()),
+    ("seed", pa.int64()), ("status", pa.string()), ("video", pa.string()), ("error", pa.string()),
+    ("cached_stages", pa.list_(pa.string())),
+    *[(f"seconds_{s}", pa.float64()) for s in STAGE_COLUMNS],
+])
