@@ -1,0 +1,51 @@
+"""wan-batch run: RunManifest through Luigi (the same as `luigi --module pipeline RunManifest ...`)."""
+from __future__ import annotations
+
+import argparse
+import uuid
+
+
+def add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="Parquet manifest, one row per video")
+    p.add_argument("--config", default="", help="LightX2V-style JSON config (default: the embedded tiny model)")
+    p.add_argument("--output-dir", default="outputs")
+    p.add_argument("--store", default="wan-store", help="artifact store shared across batches")
+    p.add_argument("--strict", action="store_true", help="refuse the manifest on any row-level problem")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run a manifest (Luigi RunManifest, local scheduler unless configured)")
+    add_batch_arguments(p)
+    p.add_argument("--workers", type=int, default=1, help="Luigi workers (1 keeps models resident in-process)")
+    p.set_defaults(func=main)
+
+
+def run_batch(manifest: str, config: str = "", output_dir: str = "outputs", store: str = "wan-store",
+              strict: bool = False, workers: int = 1, local_scheduler: bool | None = None) -> bool:
+    """Run RunManifest in this process; True when every row succeeded."""
+    import luigi
+
+    from tasks import RunManifest
+
+    task = RunManifest(manifest=manifest, config=config, output_dir=output_dir, store=store, strict=strict,
+                       run_id=uuid.uuid4().hex[:12])
+    kwargs = {} if local_scheduler is None else {"local_scheduler": local_scheduler}
+    result = luigi.build([task], workers=workers, detailed_summary=True, **kwargs)
+    return result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY")
+
+
+def main(args) -> int:
+    from ..errors import WanBatchError
+    from ..manifest import read_manifest
+    from ..config import load_config
+    from ..stages.image import check_image
+
+    # Validate up front so a bad manifest or config is reported plainly, before Luigi starts.
+    try:
+        read_manifest(args.manifest, load_config(args.config or None), strict=args.strict, check_image=check_image)
+    except WanBatchError as e:
+        print(f"error: {e}")
+        return 2
+    ok = run_batch(args.manifest, args.config, args.output_dir, args.store, args.strict, args.workers)
+    print(f"results: {args.output_dir}/results.parquet")
+    return 0 if ok else 1
