@@ -65,11 +65,12 @@ LIGHTX2V_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "parallel": ((dict, bool), "a {seq_p_size, cfg_p_size} object"),
     "seq_parallel": ((bool,), "true or false"),
     "cfg_parallel": ((bool,), "true or false"),
+    "torch_compile": ((bool,), "true or false"),
 }
 # LightX2V keys that only pick kernels or features we do not implement: accepted, no effect on output.
 LIGHTX2V_IGNORED = {
     "mm_config", "feature_caching", "teacache_thresh", "use_ret_steps", "rotary_chunk", "clean_cuda_cache",
-    "torch_compile", "compile_shapes", "unload_modules", "use_31_block", "vae_stride", "patch_size",
+    "compile_shapes", "unload_modules", "use_31_block", "vae_stride", "patch_size",
     "num_channels_latents", "attention_type", "quant_op", "changing_resolution", "t5_offload_granularity",
     "enable_cfg_truncation", "audio_sr", "do_mm_calib", "num_fragments", "infer_dtype",
 }
@@ -82,6 +83,8 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "ram_budget_gb": (_NUM, "a positive number"),
     "vram_budget_gb": (_NUM, "a positive number"),
     "video_crf": ((int,), "an integer 0..51"),
+    "batched_cfg": ((bool,), "true or false"),
+    "activation_reserve_gb": (_NUM, "a positive number"),
 }
 
 DEFAULTS: dict[str, Any] = {

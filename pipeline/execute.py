@@ -13,6 +13,7 @@ import torch
 from . import __version__
 from .errors import StageFailed
 from .models.loader import ModelRef, load_component
+from .models.perf import batched_cfg, load_dit
 from .plan import STAGE_VERSION, StageSpec
 from .runtime import MODELS, default_budget
 from .stages.decode import decode_latents, to_uint8, write_mp4
@@ -25,6 +26,7 @@ from .store import ArtifactStore
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DIT_COMPONENTS = ("high", "low", "single")
 
 
 def _device(spec: StageSpec) -> torch.device:
@@ -40,6 +42,14 @@ def get_model(spec: StageSpec) -> Any:
     budget = int(gb * 2**30) if gb else default_budget(device)
     fp = spec.params.get("model") or spec.params.get("dit") or spec.params.get("vae")
     estimate = _estimate_bytes(ref, component)
+    if component in DIT_COMPONENTS:
+        # fast paths (attention backend, compile, block streaming) from the run's settings; on a GPU only one
+        # expert is resident at a time (stage-major order needs just one; its activations get the room)
+        def load():
+            return load_dit(load_component, ref, component, device, dtype, spec.runtime, budget)
+
+        return MODELS.get((component, fp, str(device), str(dtype)), load, budget, estimate,
+                          exclusive="dit" if device.type == "cuda" else None)
     return MODELS.get((component, fp, str(device), str(dtype)),
                       lambda: load_component(ref, component, device, dtype), budget, estimate)
 
@@ -113,7 +123,7 @@ def run_denoise(spec: StageSpec, store: ArtifactStore, run_id: str,
     cond = store.load_tensors(spec.upstream["image"].ref, device)["cond"] if "image" in spec.upstream else None
     steps = range(*p["steps"])
     latents = denoise_steps(transformer, sched, latents, steps, context, context_null, p["guide_scale"] or 1.0,
-                            cond=cond, on_step=on_step)
+                            cond=cond, on_step=on_step, batched_cfg=batched_cfg(spec.runtime, device))
     _check_finite("latents", latents, spec)
     state_tensors, state_meta = export_state(sched)
     return store.write_tensors(spec.ref, {"latents": latents, **state_tensors},

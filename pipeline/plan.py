@@ -20,6 +20,7 @@ from .config import GenerationConfig, guide_scales
 from .errors import WanBatchError
 from .manifest import Job
 from .models.loader import fingerprint, resolve_model, scheduler_config
+from .models.perf import perf_runtime
 from .runtime import resolve_device, resolve_dtype
 from .stages.schedule import make_scheduler, split_index
 from .store import ArtifactRef, cache_key
@@ -109,7 +110,8 @@ class Planner:
         self.device = resolve_device(config["device"])
         self.dtype = resolve_dtype(config["dtype"], self.device)
         self.runtime = {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                        "ram_budget_gb": config.get("ram_budget_gb"), "vram_budget_gb": config.get("vram_budget_gb")}
+                        "ram_budget_gb": config.get("ram_budget_gb"), "vram_budget_gb": config.get("vram_budget_gb"),
+                        **perf_runtime(config.values)}
         self._models: dict[str, Any] = {}
 
     def _model(self, task: str):

@@ -31,12 +31,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def module_bytes(obj: Any) -> int:
-    """Parameter + buffer bytes of a module (or of the modules in a tuple)."""
+def module_bytes(obj: Any, device_type: str | None = None) -> int:
+    """Parameter + buffer bytes of a module (or of the modules in a tuple); with `device_type`, only those on
+    that kind of device (a block-streamed DiT holds most of its weights in pinned CPU memory)."""
     if isinstance(obj, (tuple, list)):
-        return sum(module_bytes(o) for o in obj)
+        return sum(module_bytes(o, device_type) for o in obj)
     if isinstance(obj, torch.nn.Module):
-        return sum(t.numel() * t.element_size() for t in list(obj.parameters()) + list(obj.buffers()))
+        extra = getattr(getattr(obj, "wan_batch_streamer", None), "slots", [])
+        tensors = list(obj.parameters()) + list(obj.buffers()) + list(extra)
+        return sum(t.numel() * t.element_size() for t in tensors
+                   if device_type is None or t.device.type == device_type)
     return 0
 
 
@@ -51,23 +55,42 @@ def default_budget(device: torch.device) -> int:
     return int(pages * 0.6)
 
 
+def _device_type(key: tuple) -> str | None:
+    """'cuda' / 'cpu' from a cache key (component, fingerprint, device, dtype), else None (count everything)."""
+    try:
+        return torch.device(key[2]).type
+    except (IndexError, TypeError, RuntimeError):
+        return None
+
+
 class ModelCache:
     def __init__(self) -> None:
         self._models: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._tags: dict[tuple, str | None] = {}
         self._lock = threading.RLock()
         self.loads: Counter = Counter()  # (component, fingerprint) -> times loaded in this process
         self.load_seconds: Counter = Counter()
 
-    def get(self, key: tuple, load: Callable[[], Any], budget: int, estimate: int) -> Any:
-        """The cached model for `key`, else `load()` it after evicting enough to fit `estimate` bytes."""
+    def get(self, key: tuple, load: Callable[[], Any], budget: int, estimate: int,
+            exclusive: str | None = None) -> Any:
+        """The cached model for `key`, else `load()` it after evicting enough to fit `estimate` bytes.
+
+        Models loaded with the same `exclusive` tag never stay resident together: loading one evicts the
+        others first (the GPU residency policy for 14B experts: in stage-major order, one expert at a time,
+        so its activations get the memory the other expert would hold)."""
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key][0]
+            if exclusive is not None:
+                for other in [k for k in self._models if self._tags.get(k) == exclusive]:
+                    self._drop(other, f"only one '{exclusive}' model is kept resident")
             self._evict_until(budget - estimate, keep=None)  # free room before the load, not after
             t0 = time.perf_counter()
             model = load()
-            size = module_bytes(model)
+            device_type = _device_type(key)
+            size = module_bytes(model, device_type)
+            self._tags[key] = exclusive
             self._models[key] = (model, size)
             self.loads[key] += 1
             self.load_seconds[key] += time.perf_counter() - t0
@@ -79,15 +102,24 @@ class ModelCache:
             key = next(iter(self._models))
             if key == keep:
                 break
-            del self._models[key]
-            log.info("evicted %s to stay within the memory budget", key[0])
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            self._drop(key, "to stay within the memory budget")
+
+    def _drop(self, key: tuple, why: str) -> None:
+        model = self._models.pop(key)[0]
+        self._tags.pop(key, None)
+        streamer = getattr(model, "wan_batch_streamer", None)
+        if streamer is not None:
+            streamer.remove()
+        del model
+        log.info("evicted %s %s", key[0], why)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def clear(self) -> None:
         with self._lock:
             self._models.clear()
+            self._tags.clear()
             self.loads.clear()
             self.load_seconds.clear()
             gc.collect()
