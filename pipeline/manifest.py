@@ -95,8 +95,8 @@ def _schema_problems(table: pa.Table) -> list[str]:
 
 
 def _int_value(value: Any, column: str) -> tuple[int | None, str | None]:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None, f"column '{column}' is empty (NaN/null)"
+    if isinstance(value, float) and math.isnan(value):
+        return None, f"column '{column}' is NaN, not a whole number"
     if isinstance(value, float):
         if not math.isfinite(value) or value != int(value):
             return None, f"column '{column}' must be a whole number, got {value!r}"
@@ -134,7 +134,7 @@ def read_manifest(path: str | Path, config: GenerationConfig, strict: bool = Fal
         seen.setdefault(job_id, i)
 
         seed = config["seed"]
-        if "seed" in raw:
+        if raw.get("seed") is not None:  # null means "the config's seed"; NaN is an error
             value, err = _int_value(raw["seed"], "seed")
             if err:
                 errors.append(err)

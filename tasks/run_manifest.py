@@ -13,18 +13,19 @@ import luigi
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import faults
 from pipeline.config import load_config
 from pipeline.errors import RowsFailed
 from pipeline.manifest import read_manifest
 from pipeline.plan import JobPlan, plan_jobs
 from pipeline.stages.image import check_image
-from pipeline.store import atomic_path, sha256_file
+from pipeline.store import atomic_path, file_lock, sha256_file, stale_temps
 
 from .stages import open_store, task_for
 
 log = logging.getLogger("wan_batch.tasks")
 
-STAGE_COLUMNS = ("text", "image", "denoise-high", "denoise-low", "denoise-single", "decode")
+STAGE_COLUMNS = ("text", "text-negative", "image", "denoise-high", "denoise-low", "denoise-single", "decode")
 
 
 class RunManifest(luigi.Task):
@@ -55,10 +56,15 @@ class RunManifest(luigi.Task):
     def run(self) -> None:
         out = Path(self.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        rows = [self._result(p, out) for p in self.plans]
-        table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-        with atomic_path(out / "results.parquet") as tmp:
-            pq.write_table(table, tmp)
+        with file_lock(out / ".wan-batch.lock"):  # one batch publishes into a folder at a time
+            for name in ["results.parquet", *(f"{p.job.job_id}.mp4" for p in self.plans)]:
+                for tmp in stale_temps(out / name):  # left by a run killed while publishing
+                    tmp.unlink(missing_ok=True)
+            rows = [self._result(p, out) for p in self.plans]
+            table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+            with atomic_path(out / "results.parquet") as tmp:
+                pq.write_table(table, tmp)
+                faults.point("results", "payload-partial", tmp)
         self._finished = True
         failed = [r for r in rows if r["status"] != "ok"]
         log.info("batch done: %d ok, %d failed; results in %s", len(rows) - len(failed), len(failed),
@@ -89,8 +95,11 @@ class RunManifest(luigi.Task):
                     row["cached_stages"].append(name)
         if row["error"] is None and store.is_complete(plan.decode.ref):
             video = out / f"{job.job_id}.mp4"
-            publish(store.payload_path(plan.decode.ref), video)
-            row.update(status="ok", video=str(video))
+            try:
+                publish(store.payload_path(plan.decode.ref), video)
+                row.update(status="ok", video=str(video))
+            except OSError as e:  # e.g. the output disk is full: this row fails, the batch reports it
+                row["error"] = f"could not write {video}: {e.strerror or e}"
         elif row["error"] is None:
             row["error"] = "the video was not produced (the run was interrupted?)"
         return row
@@ -102,6 +111,7 @@ def publish(src: Path, dest: Path) -> None:
         return
     with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
+        faults.point("publish", "payload-partial", tmp)
 
 
 RESULT_SCHEMA = pa.schema([

@@ -25,7 +25,8 @@ def tiny_root() -> Path:
 def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
     """Write rows as a Parquet manifest (column types inferred unless a schema is given)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=schema)
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # from_pylist looks at the first row only
+    table = pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows], schema=schema)
     pq.write_table(table, path)
     return path
 
