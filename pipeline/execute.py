@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
+from . import __version__, faults
 from .errors import StageFailed
 from .models.loader import ModelRef, load_component
 from .models.perf import batched_cfg, load_dit
@@ -122,6 +122,7 @@ def run_denoise(spec: StageSpec, store: ArtifactStore, run_id: str,
         context_null = store.load_tensors(spec.upstream["text_null"].ref, device)["context"].to(transformer.dtype)
     cond = store.load_tensors(spec.upstream["image"].ref, device)["cond"] if "image" in spec.upstream else None
     steps = range(*p["steps"])
+    on_step = faults.wrap_step(spec.stage, on_step)
     latents = denoise_steps(transformer, sched, latents, steps, context, context_null, p["guide_scale"] or 1.0,
                             cond=cond, on_step=on_step, batched_cfg=batched_cfg(spec.runtime, device))
     _check_finite("latents", latents, spec)
@@ -149,4 +150,5 @@ RUNNERS = {"text": run_text, "image": run_image, "denoise": run_denoise, "decode
 
 
 def run_spec(spec: StageSpec, store: ArtifactStore, run_id: str = "", **kwargs) -> dict[str, Any]:
+    faults.point(spec.stage, "start")
     return RUNNERS[spec.family](spec, store, run_id, **kwargs)

@@ -22,6 +22,8 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import faults
+
 log = logging.getLogger(__name__)
 
 
@@ -79,6 +81,11 @@ def atomic_path(dest: Path) -> Iterator[Path]:
 def atomic_write_text(dest: Path, text: str) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def stale_temps(dest: Path) -> list[Path]:
+    """Temp files atomic_path made for `dest` that are still there: left by a writer that was killed."""
+    return sorted(p for p in dest.parent.glob(f".{dest.name}.*") if ".tmp" in p.name[len(dest.name) + 2:])
 
 
 @dataclass(frozen=True)
@@ -151,9 +158,17 @@ class ArtifactStore:
 
     # -- writing ---------------------------------------------------------------------------------------
     def _finish(self, ref: ArtifactRef, payload: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
-        side = dict(sidecar, stage=ref.stage, key=ref.key, payload=payload.name,
-                    size=payload.stat().st_size, sha256=sha256_file(payload), written_at=time.time())
-        atomic_write_text(self.sidecar_path(ref), json.dumps(side, indent=1, sort_keys=True, default=str))
+        faults.point(ref.stage, "payload-written")
+        try:
+            side = dict(sidecar, stage=ref.stage, key=ref.key, payload=payload.name,
+                        size=payload.stat().st_size, sha256=sha256_file(payload), written_at=time.time())
+            with atomic_path(self.sidecar_path(ref)) as tmp:
+                tmp.write_text(json.dumps(side, indent=1, sort_keys=True, default=str), encoding="utf-8")
+                faults.point(ref.stage, "sidecar-partial", tmp)
+        except BaseException:
+            payload.unlink(missing_ok=True)  # no sidecar: a payload left here would only be recomputed
+            raise
+        faults.point(ref.stage, "committed")
         with contextlib.suppress(FileNotFoundError):
             self.failure_path(ref).unlink()
         return side
@@ -162,16 +177,21 @@ class ArtifactStore:
                       sidecar: dict[str, Any]) -> dict[str, Any]:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         shapes = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()}
+        faults.point(ref.stage, "before-write")
         self.sidecar_path(ref).unlink(missing_ok=True)  # an old sidecar must not vouch for the new payload
         with atomic_path(self.payload_path(ref)) as tmp:
             save_file(tensors, str(tmp), metadata={"stage": ref.stage, "key": ref.key})
+            faults.point(ref.stage, "payload-partial", tmp)
         return self._finish(ref, self.payload_path(ref), dict(sidecar, tensors=shapes))
 
     def write_file(self, ref: ArtifactRef, produce, sidecar: dict[str, Any]) -> dict[str, Any]:
         """`produce(tmp_path)` writes the payload (e.g. ffmpeg muxing an MP4) to a temp path first."""
+        faults.point(ref.stage, "before-write")
         self.sidecar_path(ref).unlink(missing_ok=True)
         with atomic_path(self.payload_path(ref)) as tmp:
+            faults.point(ref.stage, "mux", tmp)
             produce(tmp)
+            faults.point(ref.stage, "payload-partial", tmp)
         return self._finish(ref, self.payload_path(ref), sidecar)
 
     def record_failure(self, ref: ArtifactRef, error: str, run_id: str) -> None:
@@ -184,6 +204,18 @@ class ArtifactStore:
         except (OSError, ValueError):
             return None
 
+    def remove_stale_temps(self, ref: ArtifactRef) -> list[Path]:
+        """Delete temp files of this artifact left by killed writers. Call it holding `lock(ref)`: the lock
+        holder is the only live writer of these names."""
+        removed = stale_temps(self.payload_path(ref)) + stale_temps(self.sidecar_path(ref)) + \
+            stale_temps(self.failure_path(ref))
+        for path in removed:
+            path.unlink(missing_ok=True)
+        if removed:
+            log.info("removed %d temp file(s) left by an interrupted write of %s/%s", len(removed), ref.stage,
+                     ref.key[:12])
+        return removed
+
     def invalidate(self, ref: ArtifactRef) -> None:
         """Remove an artifact (sidecar first, so a crash in between leaves it incomplete, not trusted)."""
         for path in (self.sidecar_path(ref), self.payload_path(ref), self.failure_path(ref)):
@@ -193,17 +225,24 @@ class ArtifactStore:
     @contextlib.contextmanager
     def lock(self, ref: ArtifactRef) -> Iterator[None]:
         """Exclusive per-artifact lock across processes (flock), so two runs never compute one artifact twice."""
-        folder = self.folder(ref.stage, ref.key)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{ref.key}.lock", "a+") as f:
-            while True:
-                try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-                    break
-                except OSError as e:  # EINTR
-                    if e.errno != errno.EINTR:
-                        raise
+        with file_lock(self.folder(ref.stage, ref.key) / f"{ref.key}.lock"):
+            yield
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive flock on `path` (created if needed; never deleted, so every process locks the same inode).
+    The kernel releases it when the holder dies, so a killed run never leaves a stale lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        while True:
             try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                break
+            except OSError as e:  # EINTR
+                if e.errno != errno.EINTR:
+                    raise
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

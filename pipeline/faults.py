@@ -1,0 +1,129 @@
+"""Fault injection for the reliability tests: `WAN_BATCH_FAULT=<stage>:<n>:<where>[:<action>]`.
+
+The store, the stage runner and RunManifest call `point(stage, where)` at named places (see POINTS). When the
+variable names that place, its n-th hit in this process triggers the action:
+  kill    (default) SIGKILL this process, as an OOM killer or `kill -9` would;
+  enospc  raise OSError(ENOSPC), as a full disk would.
+At a point that is given a file (a temp file being written), the file is first cut to half its length, so
+the state left behind is the one of a write interrupted midway. `mux` kills while the ffmpeg child is
+encoding (the child is left running, as it would be). `stage` may be `*` (any stage).
+
+Unset (always, outside tests), `point` returns on its first line: the cost is one global lookup.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+ENV = "WAN_BATCH_FAULT"
+
+# where -> when it is reached
+POINTS = {
+    "start": "a stage begins (inputs not loaded yet)",
+    "step": "after a denoise step",
+    "before-write": "the output is computed, nothing written yet",
+    "payload-partial": "the payload's temp file is written (cut to half before the fault)",
+    "payload-written": "the payload is renamed into place, its sidecar not yet written",
+    "sidecar-partial": "the sidecar's temp file is written (cut to half before the fault)",
+    "committed": "the sidecar is in place (the artifact is complete), the task not yet marked done",
+    "mux": "ffmpeg is encoding the MP4 into its temp file",
+}
+ACTIONS = ("kill", "enospc")
+
+_armed: tuple[str, int, str, str] | None = None
+_hits = 0
+
+
+def configure(spec: str | None = None) -> None:
+    """Arm from `spec` (or the environment variable); an empty spec disarms. Raises on a malformed spec."""
+    global _armed, _hits
+    spec = os.environ.get(ENV, "") if spec is None else spec
+    _hits = 0
+    if not spec:
+        _armed = None
+        return
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or not parts[1].isdigit() or int(parts[1]) < 1:
+        raise ValueError(f"{ENV}={spec!r}: expected <stage>:<n>:<where>[:<action>] with n >= 1")
+    action = parts[3] if len(parts) == 4 else "kill"
+    if parts[2] not in POINTS or action not in ACTIONS:
+        raise ValueError(f"{ENV}={spec!r}: where must be one of {sorted(POINTS)}, action one of {ACTIONS}")
+    _armed = (parts[0], int(parts[1]), parts[2], action)
+
+
+def point(stage: str, where: str, path: Path | str | None = None) -> None:
+    """A named place in the code; does nothing unless armed for it."""
+    if _armed is None:
+        return
+    global _hits
+    want_stage, n, want_where, action = _armed
+    if where != want_where or want_stage not in ("*", stage):
+        return
+    _hits += 1
+    if _hits != n:
+        return
+    if path is not None and where != "mux" and Path(path).is_file():
+        os.truncate(path, Path(path).stat().st_size // 2)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path) if path else None)
+    if where == "mux":
+        _kill_when_child_writes(str(Path(path).resolve()))
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wrap_step(stage: str, on_step: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """`on_step` with a `step` fault point in front of it; `on_step` itself when nothing is armed."""
+    if _armed is None:
+        return on_step
+
+    def step(i: int) -> None:
+        point(stage, "step")
+        if on_step is not None:
+            on_step(i)
+
+    return step
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _child_writes(pid: int, path: str) -> bool:
+    """Whether a child of `pid` has `path` open (ffmpeg opens its output before it encodes a frame)."""
+    for child in _children(pid):
+        for fd in Path(f"/proc/{child}/fd").glob("*"):
+            try:
+                if os.readlink(fd) == path:
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def _kill_when_child_writes(path: str) -> None:
+    """SIGKILL this process from a thread once a child process (the encoder the caller is about to start)
+    has `path` open. Linux only (/proc), as the tests are."""
+    me = os.getpid()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _child_writes(me, path):
+            time.sleep(0.0005)
+        os.kill(me, signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+configure()
