@@ -87,25 +87,30 @@ def test_truncated_artifact_is_detected_and_recomputed(tmp_path, tiny_root, capl
     manifest = write_manifest(tmp_path / "m.parquet", [{"job_id": "t", "prompt": "a white square", "seed": 5}])
     assert run_batch(manifest, tmp_path)
     video = (tmp_path / "outputs" / "t.mp4").read_bytes()
-    payload = next((tmp_path / "store" / "denoise-low").glob("*/*.safetensors"))
-    payload.write_bytes(payload.read_bytes()[:100])  # a half-written file must never be trusted
+    # A half-written latents file and video must never be trusted. (An intermediate whose downstream artifact
+    # is intact is never read, so it is only checked when needed: here the video is damaged too.)
+    latents = next((tmp_path / "store" / "denoise-low").glob("*/*.safetensors"))
+    mp4 = next((tmp_path / "store" / "decode").glob("*/*.mp4"))
+    for payload in (latents, mp4):
+        payload.write_bytes(payload.read_bytes()[:100])
 
     from tasks.stages import _STORES
 
     _STORES.clear()  # a new process would not have the integrity check memoised
     caplog.set_level("WARNING")
     assert run_batch(manifest, tmp_path, output_dir=tmp_path / "out2")
-    assert any(payload.name[:12] in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
-    assert ArtifactStore(tmp_path / "store").check(_ref_of(payload))[0]
+    for payload in (latents, mp4):
+        assert any(payload.stem[:12] in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+        assert ArtifactStore(tmp_path / "store").check(_ref_of(payload))[0]
     row = read_results(tmp_path / "out2")["t"]
-    assert "denoise-low" not in row["cached_stages"] and "decode" in row["cached_stages"]
+    assert "denoise-low" not in row["cached_stages"] and "denoise-high" in row["cached_stages"]
     assert (tmp_path / "out2" / "t.mp4").read_bytes() == video
 
 
 def _ref_of(payload: Path):
     from pipeline.store import ArtifactRef
 
-    return ArtifactRef(payload.parent.parent.name, payload.stem)
+    return ArtifactRef(payload.parent.parent.name, payload.stem, payload.suffix[1:])
 
 
 def test_twenty_rows_load_each_model_once(tmp_path, tiny_root):
