@@ -1,6 +1,8 @@
 """Luigi settings the product relies on, applied at import unless the user configured them."""
 from __future__ import annotations
 
+import sys
+
 import luigi.configuration
 
 # Exit codes of `luigi --module pipeline RunManifest ...` (Luigi's own defaults are 0 for failures).
@@ -14,6 +16,16 @@ RETCODES = {
 }
 _SCHEDULER_OPTIONS = ("default_scheduler_host", "default-scheduler-host", "scheduler_host",
                       "default_scheduler_url", "default-scheduler-url", "local_scheduler", "local-scheduler")
+
+
+# `luigi ... --scheduler-host H` on the command line must reach luigid: Luigi would let our config default
+# (local_scheduler=true) win over it, so a scheduler named on the command line also keeps the default off.
+_SCHEDULER_FLAGS = ("--scheduler-host", "--scheduler-port", "--scheduler-url", "--local-scheduler",
+                    "--core-scheduler-host", "--core-scheduler-port", "--core-scheduler-url")
+
+
+def _scheduler_on_command_line(argv: list[str]) -> bool:
+    return any(arg.split("=", 1)[0] in _SCHEDULER_FLAGS for arg in argv)
 
 
 def _has(cfg, section: str, option: str) -> bool:
@@ -31,7 +43,8 @@ def _set(cfg, section: str, option: str, value: str) -> None:
 
 def configure_luigi() -> None:
     cfg = luigi.configuration.get_config()
-    if not any(_has(cfg, "core", opt) for opt in _SCHEDULER_OPTIONS):
+    configured = any(_has(cfg, "core", opt) for opt in _SCHEDULER_OPTIONS)
+    if not configured and not _scheduler_on_command_line(sys.argv[1:]):
         _set(cfg, "core", "local_scheduler", "true")  # no luigid needed; a configured host still wins
     for name, code in RETCODES.items():
         if not _has(cfg, "retcode", name):

@@ -16,6 +16,7 @@ import luigi
 from pipeline.errors import StageFailed
 from pipeline.execute import run_spec
 from pipeline.plan import StageSpec
+from pipeline.progress import PROGRESS
 from pipeline.store import ArtifactStore
 
 log = logging.getLogger("wan_batch.tasks")
@@ -24,6 +25,14 @@ log = logging.getLogger("wan_batch.tasks")
 # (while its model is resident) before it starts the next.
 PRIORITY = {"text": 50, "image": 40, "denoise-high": 30, "denoise-single": 30, "denoise-low": 20, "decode": 10}
 _STORES: dict[str, ArtifactStore] = {}
+
+
+class wan_batch(luigi.Config):  # noqa: N801  (the class name is the section name: [wan_batch] in luigi.cfg)
+    """Luigi resources claimed by every stage task. The scheduler runs a task only while its resources are
+    free: with `[resources] gpu=N` in luigid's config (N = GPUs of all workers) at most N stage tasks run at
+    once, one per GPU; an undefined resource counts as 1. gpu_per_task=0 claims nothing."""
+    gpu_resource = luigi.Parameter(default="gpu", description="name of the Luigi resource a stage task claims")
+    gpu_per_task = luigi.IntParameter(default=1, description="units of it per stage task (0: none)")
 
 
 def open_store(root: str) -> ArtifactStore:
@@ -54,6 +63,11 @@ class StageTask(luigi.Task):
     def priority(self) -> int:
         return PRIORITY[self.spec.stage]
 
+    @property
+    def resources(self) -> dict[str, int]:
+        cfg = wan_batch()
+        return {cfg.gpu_resource: cfg.gpu_per_task} if cfg.gpu_per_task > 0 else {}
+
     def requires(self):
         return [task_for(up, self.store, self.run_id) for up in self.spec.upstream.values()]
 
@@ -63,29 +77,35 @@ class StageTask(luigi.Task):
         return rec if rec and self.run_id and rec.get("run_id") == self.run_id else None
 
     def complete(self) -> bool:
-        return self.artifact_store.is_complete(self.spec.ref) or self.failure() is not None
+        done = self.artifact_store.is_complete(self.spec.ref) or self.failure() is not None
+        if not done:
+            PROGRESS.expect(self.spec.stage, self.key)  # sizes this stage's progress bar
+        return done
 
     def run(self) -> None:
         store, ref = self.artifact_store, self.spec.ref
         with store.lock(ref):  # another process may be computing the same artifact
             if store.is_complete(ref):
                 return  # the winner of a race wrote it: reuse
-            store.remove_stale_temps(ref)  # left by a killed writer; we hold the lock, so none is live
             upstream_failures = [t.failure() for t in self.requires() if t.failure()]
             if upstream_failures:
                 self._fail(f"upstream {upstream_failures[0]['stage']} failed: {upstream_failures[0]['error']}")
                 return
-            self.set_status_message(f"{ref.stage} {ref.key[:12]}")
-            try:
-                run_spec(self.spec, store, self.run_id)
-            except Exception as e:  # recorded per row, see module doc
-                if not self.run_id:
-                    raise
-                log.error("%s %s failed: %s\n%s", ref.stage, ref.key[:12], e, traceback.format_exc())
-                self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, StageFailed) else str(e))
+            steps = len(range(*self.spec.params["steps"])) if self.spec.family == "denoise" else None
+            with PROGRESS.track(ref.stage, ref.key, self, steps) as on_step:
+                try:
+                    run_spec(self.spec, store, self.run_id, **({"on_step": on_step} if on_step else {}))
+                except Exception as e:  # recorded per row, see module doc
+                    if not self.run_id:
+                        raise
+                    log.error("%s %s failed: %s\n%s", ref.stage, ref.key[:12], e, traceback.format_exc())
+                    self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, StageFailed) else str(e))
 
     def _fail(self, message: str) -> None:
         self.artifact_store.record_failure(self.spec.ref, message, self.run_id)
+        hook = getattr(self, "set_status_message", None)
+        if callable(hook):
+            hook(f"{self.spec.stage} {self.key[:12]}: failed: {message[:200]}")
 
 
 class EncodeText(StageTask):
