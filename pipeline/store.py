@@ -180,7 +180,9 @@ class ArtifactStore:
         faults.point(ref.stage, "before-write")
         self.sidecar_path(ref).unlink(missing_ok=True)  # an old sidecar must not vouch for the new payload
         with atomic_path(self.payload_path(ref)) as tmp:
-            save_file(tensors, str(tmp), metadata={"stage": ref.stage, "key": ref.key})
+            # one metadata entry: safetensors writes a metadata map in hash order, which differs per process,
+            # and a re-run must give the same bytes
+            save_file(tensors, str(tmp), metadata={"artifact": f"{ref.stage}/{ref.key}"})
             faults.point(ref.stage, "payload-partial", tmp)
         return self._finish(ref, self.payload_path(ref), dict(sidecar, tensors=shapes))
 
