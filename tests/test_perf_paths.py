@@ -171,6 +171,18 @@ def test_streamed_forward_equals_resident(granularity, resident):
     assert streamer.bytes_streamed >= 2 * sum(u.nbytes for u in streamer.streamed)
 
 
+def test_remove_restores_a_usable_model():
+    """After streaming stops, every unit points at its own weights again (not at a shared slot)."""
+    model = tiny_dit()
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        ref = model(x, t, ctx, return_dict=False)[0]
+        streamer = BlockStreamer(model, "cpu", "block")
+        model(x, t, ctx, return_dict=False)
+        streamer.remove()
+        assert torch.equal(model(x, t, ctx, return_dict=False)[0], ref)
+
+
 def test_streaming_really_reads_the_host_copy():
     """Corrupting a unit's host copy changes the output: the forward uses the streamed weights."""
     model = tiny_dit()

@@ -209,9 +209,15 @@ class BlockStreamer:
         return hook
 
     def remove(self) -> None:
+        """Stop streaming. Streamed units point at their pinned host copy again (the slots are reused by every
+        unit, so after a forward they hold only the last ones); with lazy_load they are left empty."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+        for u in self.streamed:
+            _bind(u, _views(u.host, u) if u.host is not None else [torch.empty(0, dtype=e.dtype) for e in u.entries])
         if self._staging:
             self._staging.close()
 

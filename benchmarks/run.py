@@ -1,0 +1,549 @@
+"""GPU benchmark: our fast paths against diffusers, side by side in one process, on the full-size Wan2.2 A14B
+architecture with random weights built on the GPU (nothing is downloaded).
+
+    python -m benchmarks.run                       # everything, full size (H100: see README "Performance")
+    python -m benchmarks.run --size smoke          # the same code on the tiny architecture (CPU is fine)
+    python -m benchmarks.run --sections dit,batch --jobs 8 --layers 20
+
+Sections: micro (linear and attention kernels), dit (one CFG step at 480p/720p: diffusers' two bf16 SDPA
+forwards vs ours, each fast path added in turn, with its error against the bf16 reference), offload (the same
+step with the blocks streamed under a 24 GB and an 8 GB VRAM cap, and several jobs per streamed block), vae
+(decode), batch (a 4-step distilled T2V+I2V batch through the staged Luigi pipeline vs a loop over diffusers'
+WanPipeline / WanImageToVideoPipeline, in videos/hour). Every measurement is a JSON line (stdout, and
+$OUT/bench.jsonl); the table comes last (also $OUT/table.md). Ratios are diffusers' time over ours.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .models import build_dit, build_t5, build_vae, dit_config, install_random_loader, skeleton_models
+
+RES = {"480p": (480, 832, 81), "720p": (720, 1280, 81), "smoke": (64, 64, 17)}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.size = args.size
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.out = Path(args.out or os.environ.get("OUT") or "bench-out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict[str, Any]] = []
+        self.rows: list[list[str]] = []
+        self.best_attn = "native"
+        self.state: dict[str, Any] = {}
+
+    # ---- reporting ----
+    def emit(self, **rec: Any) -> dict[str, Any]:
+        rec = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}
+        self.records.append(rec)
+        line = json.dumps(rec, default=str)
+        print("BENCH " + line, flush=True)
+        with open(self.out / "bench.jsonl", "a") as f:
+            f.write(line + "\n")
+        return rec
+
+    def row(self, work: str, ours: float | None, theirs: float | None, peak_ours: float | None = None,
+            peak_theirs: float | None = None, note: str = "") -> None:
+        ratio = f"{theirs / ours:.2f}x" if ours and theirs else "-"
+        fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+        self.rows.append([work, fmt(ours), fmt(theirs), ratio, fmt(peak_ours, 1), fmt(peak_theirs, 1), note])
+
+    # ---- timing helpers ----
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gb(self) -> float | None:
+        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+
+    def time(self, fn: Callable[[], Any], reps: int = 1, warmup: int = 0) -> tuple[float, float | None, Any]:
+        """(median seconds of `reps` timed calls, seconds of the first warm-up call or None, last result)."""
+        first = None
+        out = None
+        for i in range(warmup):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn()
+            self.sync()
+            if i == 0:
+                first = time.perf_counter() - t0
+        times = []
+        for _ in range(reps):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        return times[len(times) // 2], first, out
+
+    def latent_shape(self, res: str) -> tuple[int, ...]:
+        h, w, f = RES[res]
+        return (1, 16, (f - 1) // 4 + 1, h // 8, w // 8)
+
+    def tokens(self, res: str) -> int:
+        _, _, t, h, w = self.latent_shape(res)
+        return t * (h // 2) * (w // 2)
+
+    def resolutions(self) -> list[str]:
+        return ["smoke"] if self.size == "smoke" else [r for r in ("480p", "720p") if r in self.args.res]
+
+
+# ---- micro: kernels alone -------------------------------------------------------------------------------------
+
+def section_micro(b: Bench) -> None:
+    if b.device.type != "cuda":
+        b.emit(section="micro", skipped="needs CUDA")
+        return
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    from pipeline.models.attention import resolve_backend
+    from pipeline.models.fp8_matmul import FP8, QuantLinear, probe
+
+    b.emit(section="micro", kernels=probe(b.device))
+    m = b.tokens("480p")
+    for k, n in ((5120, 5120), (5120, 13824), (13824, 5120)):
+        x = torch.randn(m, k, device=b.device, dtype=torch.bfloat16)
+        lin = torch.nn.Linear(k, n, device=b.device, dtype=torch.bfloat16)
+        flops = 2 * m * k * n
+        res = {}
+        for name, mod in (("bf16", lin), ("fp8", QuantLinear.from_linear(lin, FP8)),
+                          ("int8", QuantLinear.from_linear(lin, torch.int8))):
+            s, _, _ = b.time(lambda mod=mod: mod(x), reps=10, warmup=3)
+            res[name] = s
+            b.emit(section="micro", op="linear", shape=[m, k, n], kind=name, ms=s * 1e3, tflops=flops / s / 1e12)
+        b.row(f"linear {m}x{k}->{n} (fp8 vs bf16)", res["fp8"], res["bf16"], note=f"int8 {res['int8']*1e3:.2f} ms")
+    heads, dim = 40, 128
+    for res_name in ("480p", "720p"):
+        s_len = b.tokens(res_name)
+        q, k_, v = (torch.randn(1, s_len, heads, dim, device=b.device, dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * s_len * s_len * heads * dim
+        times = {}
+        for backend in ("native", "_native_cudnn", "_native_flash", "_native_efficient"):
+            choice = resolve_backend(backend, b.device)
+            if choice.reason:
+                b.emit(section="micro", op="attention", backend=backend, skipped=choice.reason)
+                continue
+            try:
+                s, _, _ = b.time(lambda bk=backend: dispatch_attention_fn(q, k_, v, backend=bk),
+                                 reps=3 if res_name == "480p" else 1, warmup=1)
+            except RuntimeError as e:
+                b.emit(section="micro", op="attention", backend=backend, error=str(e).splitlines()[0])
+                continue
+            times[backend] = s
+            b.emit(section="micro", op="attention", res=res_name, backend=backend, ms=s * 1e3,
+                   tflops=flops / s / 1e12)
+        if res_name == "480p" and times:
+            b.best_attn = min(times, key=times.get)
+            b.row(f"self-attention 1 layer {res_name} (best: {b.best_attn})", times[b.best_attn],
+                  times.get("native"), note="x40 layers per forward")
+        del q, k_, v
+
+
+# ---- dit: one denoising step ---------------------------------------------------------------------------------
+
+def _inputs(b: Bench, res: str, seed: int = 7):
+    g = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn(b.latent_shape(res), generator=g).to(b.device)
+    text_len = 512
+    text_dim = 4096 if b.size == "full" else 32
+    ctx = (torch.randn(1, text_len, text_dim, generator=g) * 0.1).to(b.device, b.dtype)
+    ctx_null = (torch.randn(1, text_len, text_dim, generator=g) * 0.1).to(b.device, b.dtype)
+    t = torch.tensor([900.0], device=b.device)
+    return x, t, ctx, ctx_null
+
+
+def _compare(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
+    """Error of a noise prediction and of the latents after one Euler step (sigma 0.9 -> 0.8)."""
+    r, o = ref.float(), out.float()
+    cos = F.cosine_similarity(r.flatten(), o.flatten(), dim=0).item()
+    x = torch.zeros_like(r)  # the latents term is common to both and cancels in the difference
+    step_r, step_o = x - 0.1 * r, x - 0.1 * o
+    return {"pred_max_abs": (r - o).abs().max().item(), "pred_cos": cos,
+            "latent_step_max_abs": (step_r - step_o).abs().max().item(),
+            "pred_rel_l2": ((r - o).norm() / r.norm()).item()}
+
+
+def section_dit(b: Bench) -> None:
+    from pipeline.models.accel import compile_blocks
+    from pipeline.models.attention import apply_attention
+    from pipeline.models.fp8_matmul import FP8, quantize_blocks
+    from pipeline.stages.denoise import predict_noise
+
+    full = b.size == "full"
+    cfg = dit_config(b.size, "t2v", b.args.layers)
+    t0 = time.perf_counter()
+    model = build_dit(cfg, b.device, b.dtype)
+    b.emit(section="dit", built_s=time.perf_counter() - t0, layers=cfg["num_layers"],
+           params_b=sum(p.numel() for p in model.parameters()) / 1e9)
+    g = 5.0
+    base: dict[str, dict[str, Any]] = {}
+    for res in b.resolutions():
+        x, t, ctx, ctx_null = _inputs(b, res)
+        xin = x.to(b.dtype)
+        b.reset_peak()
+        if res == "720p":  # one forward: 12 s each on an H100
+            s, _, _ = b.time(lambda: model(xin, t, ctx, return_dict=False)[0], reps=1, warmup=0)
+            s_step, pred = 2 * s, None
+        else:
+            s_step, _, pred = b.time(lambda: predict_noise(model, xin, t, ctx, ctx_null, g), reps=b.args.reps,
+                                     warmup=1)
+        base[res] = {"step_s": s_step, "peak": b.peak_gb(), "pred": None if pred is None else pred.float()}
+        b.emit(section="dit", res=res, path="diffusers bf16 SDPA, 2 forwards", step_s=s_step,
+               forward_s=s_step / 2, peak_gb=base[res]["peak"], tokens=b.tokens(res))
+    res0 = b.resolutions()[0]
+    x, t, ctx, ctx_null = _inputs(b, res0)
+    xin = x.to(b.dtype)
+    ref = base[res0]["pred"]
+
+    def ours_step(label: str, warmup: int = 1, reps: int = 1, res: str = res0):
+        xx, tt, cc, cn = (x, t, ctx, ctx_null) if res == res0 else _inputs(b, res)
+        b.reset_peak()
+        s, first, pred = b.time(lambda: predict_noise(model, xx.to(b.dtype), tt, cc, cn, g, batched_cfg=True),
+                                reps=reps, warmup=warmup)
+        rec = {"section": "dit", "res": res, "path": label, "step_s": s, "forward_s": s / 2,
+               "warmup_s": first, "peak_gb": b.peak_gb(), "speedup": base[res]["step_s"] / s}
+        if res == res0 and ref is not None:
+            rec.update(_compare(ref, pred))
+        b.emit(**rec)
+        return s, rec
+
+    apply_attention(model, b.best_attn, b.best_attn, b.device)
+    s_bf16, _ = ours_step(f"ours bf16, {b.best_attn}, batched CFG")
+    b.state["unconstrained_step_s"] = s_bf16
+    if "offload" in b.args.sections and b.device.type == "cuda":
+        try:
+            section_offload(b, model, (x, t, ctx, ctx_null), ref, base[res0]["step_s"])
+        except Exception as e:  # noqa: BLE001 - report and go on with the other measurements
+            b.emit(section="offload", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
+            torch.cuda.set_per_process_memory_fraction(1.0, b.device)
+            model.to(b.device)
+    if b.device.type == "cuda":
+        quantize_blocks(model, FP8)
+        gc.collect()
+        torch.cuda.empty_cache()
+        ours_step("ours fp8 (eager), batched CFG")
+        report = compile_blocks(model)
+        b.emit(section="dit", compile=report)
+    s_fast, rec = ours_step("ours fp8 + compile, batched CFG", warmup=1, reps=b.args.reps)
+    b.row(f"DiT CFG step {res0} (2 forwards)", s_fast, base[res0]["step_s"], rec["peak_gb"], base[res0]["peak"],
+          note=f"compile warm-up {rec['warmup_s'] or 0:.0f} s; cos {rec.get('pred_cos', 1):.4f} vs bf16")
+    if full and b.device.type == "cuda" and b.args.profile:
+        try:
+            _profile(b, lambda: predict_noise(model, xin, t, ctx, ctx_null, g, batched_cfg=True), f"dit_{res0}")
+        except Exception as e:  # noqa: BLE001 - the profile is evidence, not a result
+            b.emit(section="profile", error=f"{type(e).__name__}: {e}")
+    for res in b.resolutions()[1:]:
+        s, rec = ours_step("ours fp8 + compile, batched CFG", warmup=1, reps=1, res=res)
+        b.row(f"DiT CFG step {res} (2 forwards)", s, base[res]["step_s"], rec["peak_gb"], base[res]["peak"],
+              note=f"recompile {rec['warmup_s'] or 0:.0f} s; diffusers timed on 1 forward x2")
+    del model
+    if b.device.type == "cuda":
+        import torch._dynamo
+
+        torch._dynamo.reset()  # compiled code can hold the model; Inductor's on-disk cache keeps the kernels
+    b.reset_peak()
+
+
+def _profile(b: Bench, fn: Callable[[], Any], name: str) -> None:
+    """Top CUDA kernels of one call, by total time: which kernel dominates."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        b.sync()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1
+    top = [{"kernel": e.key[:90], "share": getattr(e, key) / total, "ms": getattr(e, key) / 1e3, "calls": e.count}
+           for e in events[:12]]
+    b.emit(section="profile", name=name, total_ms=total / 1e3, top=top)
+    (b.out / f"profile_{name}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=30))
+
+
+# ---- offload: streamed blocks under a VRAM cap ----------------------------------------------------------------
+
+def section_offload(b: Bench, model, inputs, ref, base_step_s: float) -> None:
+    from pipeline.models.offload import BlockStreamer, plan_resident_units
+    from pipeline.stages.denoise import predict_noise
+
+    x, t, ctx, ctx_null = inputs
+    xin = x.to(b.dtype)
+    total = torch.cuda.get_device_properties(b.device).total_memory
+    unconstrained = b.state["unconstrained_step_s"]
+    for budget_gb, gran, batched, reserve_gb in ((24, "block", True, 9.0), (8, "phase", False, 4.5)):
+        t0 = time.perf_counter()
+        budget = int(budget_gb * 2**30)
+        resident = plan_resident_units(model, gran, budget, int(reserve_gb * 2**30))
+        streamer = BlockStreamer(model, b.device, gran, resident_units=resident)
+        gc.collect()
+        torch.cuda.empty_cache()
+        setup = time.perf_counter() - t0
+        torch.cuda.reset_peak_memory_stats(b.device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), b.device)
+        try:
+            s, _, pred = b.time(lambda: predict_noise(model, xin, t, ctx, ctx_null, 5.0, batched_cfg=batched),
+                                reps=1, warmup=1)
+            peak = b.peak_gb()
+            ref_s = unconstrained if batched else base_step_s
+            rec = b.emit(section="offload", budget_gb=budget_gb, granularity=gran, batched_cfg=batched,
+                         resident_units=resident, streamed_units=len(streamer.streamed), step_s=s, peak_gb=peak,
+                         setup_s=setup, vs_unconstrained=s / ref_s,
+                         gb_streamed_per_step=streamer.bytes_streamed / 2**30 / 2,
+                         **(_compare(ref, pred) if ref is not None else {}))
+            b.row(f"CFG step 480p, {budget_gb} GB cap ({gran} streaming)", s, ref_s, peak, None,
+                  note=f"ratio = unconstrained/capped; {rec['streamed_units']} units streamed")
+            if budget_gb == 8:  # block-major across jobs: one fetched unit serves every job of the batch
+                torch.cuda.set_per_process_memory_fraction(1.0, b.device)  # the cap is for batch 1
+                for jobs in (1, 2):
+                    streamer.bytes_streamed = 0
+                    xs = xin.expand(jobs, *xin.shape[1:]).contiguous()
+                    s_j, _, _ = b.time(lambda: model(xs, t.expand(jobs), ctx.expand(jobs, -1, -1),
+                                                     return_dict=False)[0], reps=1)
+                    b.emit(section="offload", budget_gb=budget_gb, block_major_jobs=jobs, forward_s=s_j,
+                           s_per_job=s_j / jobs, gb_streamed_per_job=streamer.bytes_streamed / 2**30 / jobs,
+                           peak_gb=b.peak_gb())
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, b.device)
+            streamer.remove()
+            model.to(b.device)  # streamed units' pinned views -> GPU again
+            del streamer
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+# ---- vae decode ------------------------------------------------------------------------------------------------
+
+def section_vae(b: Bench) -> None:
+    from pipeline.stages.decode import decode_latents
+
+    vae = build_vae(b.size, b.device)
+    res = b.resolutions()[0]
+    lat = torch.randn(b.latent_shape(res)).to(b.device)
+
+    def theirs():  # what WanPipeline does after the denoising loop
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(b.device)
+        std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(b.device)
+        return vae.decode(lat / std + mean, return_dict=False)[0]
+
+    with torch.no_grad():
+        b.reset_peak()
+        s_t, _, _ = b.time(theirs, reps=1, warmup=1)
+        p_t = b.peak_gb()
+        b.reset_peak()
+        s_o, _, _ = b.time(lambda: decode_latents(vae, lat), reps=1, warmup=0)
+        p_o = b.peak_gb()
+    b.emit(section="vae", res=res, ours_s=s_o, diffusers_s=s_t, peak_ours=p_o, peak_diffusers=p_t)
+    b.row(f"VAE decode {res} {RES[res][2]} frames", s_o, s_t, p_o, p_t, note="same diffusers VAE; ours also copies frames to CPU")
+    del vae
+    b.reset_peak()
+
+
+# ---- batch: staged Luigi pipeline vs a diffusers loop ------------------------------------------------------------
+
+def _make_jobs(b: Bench, root: Path) -> tuple[Path, list[dict[str, Any]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image, ImageDraw
+
+    h, w, _ = RES[b.resolutions()[0]]
+    img = Image.new("RGB", (w, h), (30, 60, 150))
+    ImageDraw.Draw(img).ellipse((w // 4, h // 4, w // 2, h // 2), fill=(220, 40, 40))
+    img_path = root / "first_frame.png"
+    img.save(img_path)
+    prompts = ["a red circle moving left", "a cat walking on a beach at sunset", "a city street at night",
+               "a blue square flying over mountains"]
+    rows = []
+    for i in range(b.args.jobs):
+        row = {"job_id": f"job{i:02d}", "prompt": prompts[i % len(prompts)] + f" {i}", "seed": 100 + i}
+        row["image"] = str(img_path) if i % 2 else None
+        rows.append(row)
+    manifest = root / "jobs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    return manifest, rows
+
+
+def section_batch(b: Bench) -> None:
+    import pyarrow.parquet as pq
+
+    from pipeline.commands.run import run_batch
+    from pipeline.runtime import MODELS
+
+    root = Path(b.args.work) if b.args.work else b.out.parent / "bench-work"
+    root.mkdir(parents=True, exist_ok=True)
+    folders = skeleton_models(root / "models", b.size, b.args.layers)
+    manifest, rows = _make_jobs(b, root)
+    h, w, f = RES[b.resolutions()[0]]
+    config = {"model_path": str(folders["t2v"]), "i2v_model_path": str(folders["i2v"]), "task": "t2v",
+              "target_height": h, "target_width": w, "target_video_length": f, "infer_steps": 4,
+              "denoising_step_list": [1000, 750, 500, 250], "boundary_step_index": 2, "sample_shift": 5.0,
+              "enable_cfg": False, "fps": 16, "self_attn_1_type": b.best_attn, "cross_attn_1_type": b.best_attn,
+              "torch_compile": b.device.type == "cuda"}
+    cfg_path = root / "config.json"
+    cfg_path.write_text(json.dumps(config, indent=1))
+    n = len(rows)
+    # diffusers first: both experts + T5 + VAE resident (about 67 GB at full size), as its pipelines need
+    s_theirs = _diffusers_loop(b, folders, rows, (h, w, f), root) if not b.args.skip_diffusers else None
+    gc.collect()
+    if b.device.type == "cuda":
+        torch.cuda.empty_cache()
+    undo = install_random_loader(b.size, "fp8" if b.device.type == "cuda" else None)
+    MODELS.clear()
+    try:
+        b.reset_peak()
+        t0 = time.perf_counter()
+        ok = run_batch(str(manifest), config=str(cfg_path), output_dir=str(root / "outputs"),
+                       store=str(root / "store"), strict=False)
+        wall = time.perf_counter() - t0
+        loads = sum(MODELS.load_seconds.values())
+        load_counts = {f"{k[0]}": v for k, v in MODELS.loads.items()}
+    finally:
+        undo()
+        MODELS.clear()
+    results = pq.read_table(root / "outputs" / "results.parquet").to_pylist()
+    done = sum(r["status"] == "ok" for r in results)
+    s_ours = wall - loads
+    stage_s = {k: sum((r.get(f"seconds_{k}") or 0) for r in results)
+               for k in ("text", "image", "denoise-high", "denoise-low", "decode")}
+    b.emit(section="batch", pipeline="ours (Luigi, fp8 + compile, one expert resident)", jobs=n, ok=done,
+           all_ok=ok, wall_s=wall, model_build_s=loads, batch_s=s_ours, videos_per_hour=3600 * n / s_ours,
+           loads=load_counts, peak_gb=b.peak_gb(), stage_s=stage_s,
+           errors=[r["error"] for r in results if r["error"]][:3])
+    if s_theirs and done == n:
+        b.emit(section="batch", ratio_videos_per_hour=s_theirs / s_ours)
+    elif done < n:
+        b.emit(section="batch", error=f"only {done} of {n} videos were made: the timing is not comparable")
+    b.row(f"4-step batch, {n} jobs {h}p (s; videos/h ours {3600 * n / s_ours:.0f}"
+          + (f", diffusers {3600 * n / s_theirs:.0f})" if s_theirs else ")"), s_ours, s_theirs, b.peak_gb(),
+          b.state.get("diffusers_batch_peak"), note=f"{done}/{n} MP4s; model builds excluded ({loads:.0f} s)")
+
+
+def _diffusers_loop(b: Bench, folders: dict[str, Path], rows: list[dict[str, Any]], hwf, root: Path) -> float:
+    """A plain loop over diffusers' pipelines on the same jobs (bf16, its default attention), MP4s written with
+    the same H.264 writer ours uses. Returns the seconds spent in the pipelines and the writing (builds excluded)."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+
+    from pipeline.stages.decode import to_uint8, write_mp4
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    h, w, f = hwf
+    tok = AutoTokenizer.from_pretrained(folders["t2v"] / "tokenizer")
+    t5 = build_t5(b.size, b.device, b.dtype, len(tok), seed=2)
+    vae = build_vae(b.size, b.device, seed=1)
+    out = root / "diffusers-out"
+    out.mkdir(parents=True, exist_ok=True)
+    spent, build = 0.0, 0.0
+    b.reset_peak()
+    for task, cls, boundary in (("t2v", WanPipeline, 0.875), ("i2v", WanImageToVideoPipeline, 0.9)):
+        jobs = [r for r in rows if bool(r["image"]) == (task == "i2v")]
+        if not jobs:
+            continue
+        t0 = time.perf_counter()
+        cfg = dit_config(b.size, task, b.args.layers)
+        high, low = build_dit(cfg, b.device, b.dtype, 0), build_dit(cfg, b.device, b.dtype, 10)
+        sched = UniPCMultistepScheduler.from_pretrained(folders[task] / "scheduler")
+        kwargs = dict(tokenizer=tok, text_encoder=t5, vae=vae, scheduler=sched, transformer=high, transformer_2=low,
+                      boundary_ratio=boundary)
+        pipe = cls(**kwargs, **({"image_encoder": None, "image_processor": None} if task == "i2v" else {}))
+        build += time.perf_counter() - t0
+        for r in jobs:
+            b.sync()
+            t0 = time.perf_counter()
+            extra = {"image": Image.open(r["image"]).convert("RGB")} if task == "i2v" else {}
+            video = pipe(prompt=r["prompt"], height=h, width=w, num_frames=f, num_inference_steps=4,
+                         guidance_scale=1.0, guidance_scale_2=1.0,
+                         generator=torch.Generator("cpu").manual_seed(r["seed"]), output_type="np", **extra).frames[0]
+            write_mp4(to_uint8(torch.from_numpy(video)), 16, out / f"{r['job_id']}.mp4")
+            b.sync()
+            spent += time.perf_counter() - t0
+        del pipe, high, low, kwargs
+        gc.collect()
+        if b.device.type == "cuda":
+            torch.cuda.empty_cache()
+    b.state["diffusers_batch_peak"] = b.peak_gb()
+    b.emit(section="batch", pipeline="diffusers WanPipeline loop (bf16, SDPA)", jobs=len(rows), batch_s=spent,
+           model_build_s=build, videos_per_hour=3600 * len(rows) / spent, peak_gb=b.peak_gb())
+    del t5, vae
+    return spent
+
+
+SECTIONS = {"micro": section_micro, "dit": section_dit, "vae": section_vae, "batch": section_batch}
+
+
+def print_table(b: Bench, quiet: bool = False) -> str:
+    dev = torch.cuda.get_device_name(b.device) if b.device.type == "cuda" else "CPU"
+    head = ["work", "ours s", "diffusers s", "speed-up", "peak GB ours", "peak GB diffusers", "note"]
+    lines = [f"device: {dev}; torch {torch.__version__}; size {b.size}"
+             + (f", {b.args.layers} layers" if b.args.layers else ""),
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in b.rows]
+    text = "\n".join(lines)
+    (b.out / "table.md").write_text(text + "\n")
+    if not quiet:
+        print(text, flush=True)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=("full", "smoke"), default="full")
+    p.add_argument("--sections", default="micro,dit,offload,batch,vae")  # offload runs inside dit
+    p.add_argument("--res", default="480p,720p")
+    p.add_argument("--layers", type=int, default=None, help="DiT layers (default: the real 40)")
+    p.add_argument("--jobs", type=int, default=4, help="jobs in the batch section (half T2V, half I2V)")
+    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--work", default=None, help="scratch folder for the batch section")
+    p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--skip-diffusers", action="store_true", help="batch section: ours only")
+    args = p.parse_args(argv)
+    args.sections = args.sections.split(",")
+    args.res = args.res.split(",")
+    b = Bench(args)
+    b.emit(section="env", device=torch.cuda.get_device_name(b.device) if b.device.type == "cuda" else "cpu",
+           torch=torch.__version__, diffusers=__import__("diffusers").__version__, size=args.size,
+           layers=args.layers, jobs=args.jobs)
+    failed = False
+    for name in args.sections:
+        if name not in SECTIONS:
+            continue  # offload runs inside dit (it needs the bf16 model before fp8 conversion)
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                SECTIONS[name](b)
+        except Exception as e:  # noqa: BLE001 - one broken section must not lose the others' numbers
+            failed = True
+            b.emit(section=name, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:])
+        b.emit(section=name, section_wall_s=time.perf_counter() - t0)
+        print_table(b, quiet=True)  # a run cut short still leaves its table
+        gc.collect()
+        if b.device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(b)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
