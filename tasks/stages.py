@@ -87,6 +87,7 @@ class StageTask(luigi.Task):
         with store.lock(ref):  # another process may be computing the same artifact
             if store.is_complete(ref):
                 return  # the winner of a race wrote it: reuse
+            store.remove_stale_temps(ref)  # left by a killed writer; we hold the lock, so none is live
             upstream_failures = [t.failure() for t in self.requires() if t.failure()]
             if upstream_failures:
                 self._fail(f"upstream {upstream_failures[0]['stage']} failed: {upstream_failures[0]['error']}")
