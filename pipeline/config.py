@@ -77,7 +77,7 @@ LIGHTX2V_IGNORED = {
 OUR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "model_path": ((str,), "a model folder or builtin:tiny"),
     "i2v_model_path": ((str,), "an image-to-video model folder or builtin:tiny"),
-    "model_format": ((str,), "auto or diffusers"),
+    "model_format": ((str,), "auto, diffusers or wan (Wan's original layout)"),
     "device": ((str,), "auto, cpu or cuda[:N]"),
     "dtype": ((str,), "auto, float32, bfloat16 or float16"),
     "ram_budget_gb": (_NUM, "a positive number"),
@@ -251,8 +251,8 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
     problems += check_values(values)
     if values.get("task") not in ("t2v", "i2v"):
         problems.append(f"config key 'task': must be t2v or i2v (got {values.get('task')!r})")
-    if values.get("model_format") not in ("auto", "diffusers"):
-        problems.append(f"config key 'model_format': must be auto or diffusers (got {values.get('model_format')!r})")
+    if values.get("model_format") not in ("auto", "diffusers", "wan"):
+        problems.append(f"config key 'model_format': must be auto, diffusers or wan (got {values.get('model_format')!r})")
     if problems:
         raise ConfigError(source, problems)
     return GenerationConfig(values=values, source=source, base_dir=base_dir or Path.cwd())

@@ -1,15 +1,21 @@
 """Where a model lives, what its fingerprint is, and how each component is loaded.
 
-One interface for every checkpoint format: `resolve_model` turns a config into a ModelRef, `fingerprint`
-identifies a component's files (it feeds the cache keys), `load_component` returns the torch module.
-The diffusers layout (Wan-AI/*-Diffusers, and the embedded tiny model) loads with from_pretrained.
+One interface for every checkpoint format: `resolve_model` turns a config into a ModelRef (JSON-able: it
+travels inside the stage specs), `fingerprint` identifies a component's files + LoRAs + quantization (it feeds
+the cache keys), `load_component` returns the torch module.
+
+Base layouts: diffusers (Wan-AI/*-Diffusers and the embedded tiny model; from_pretrained) and Wan's original
+layout (wan_layout.py). A DiT expert's weights can instead come from a LightX2V single file
+(`*_original_ckpt`: bf16 distilled; `*_quantized_ckpt` with `dit_quantized`: scaled fp8 / int8 safetensors, or a
+GGUF file for `dit_quant_scheme` gguf-*); its architecture is always the base model's config.
+Components: text, vae, high, low (Wan2.2 A14B experts), single (Wan2.1's DiT), clip (Wan2.1 I2V image encoder).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,7 @@ import torch
 
 from ..config import BUILTIN_TINY, GenerationConfig
 from ..errors import CheckpointError
+from . import wan_layout as wl
 from .tiny import ensure_tiny_models
 
 log = logging.getLogger(__name__)
@@ -32,71 +39,223 @@ COMPONENTS = {
     "high": ("transformer",),
     "low": ("transformer_2",),
     "single": ("transformer",),
+    "clip": ("image_encoder", "image_processor"),
 }
+EXPERTS = ("high", "low", "single")
+# LightX2V's keys for an expert's own checkpoint: (quantized, original)
+CKPT_KEYS = {"high": ("high_noise_quantized_ckpt", "high_noise_original_ckpt"),
+             "low": ("low_noise_quantized_ckpt", "low_noise_original_ckpt"),
+             "single": ("dit_quantized_ckpt", "dit_original_ckpt")}
+FORMATS = ("auto", "diffusers", "wan")
+QUANT_PREFIXES = ("fp8", "int8", "gguf")
+# The flow-matching UniPC solver of Wan's pipelines (Wan-AI/*-Diffusers scheduler_config.json).
+WAN_SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                     flow_shift=5.0, solver_order=2)
 
 
 @dataclass(frozen=True)
 class ModelRef:
     path: str  # model folder (resolved)
     task: str  # t2v | i2v
-    format: str  # diffusers
+    format: str  # diffusers | wan
+    family: str = "wan2.2"  # wan2.2 (two experts) | wan2.1 (one DiT)
+    experts: tuple[str, ...] = ("high", "low")
+    boundary_ratio: float | None = None
+    # expert -> {"weights": file or folder, "config": arch config file, "config_format": diffusers|wan}
+    dits: dict[str, dict[str, str]] = field(default_factory=dict, hash=False)
+    # expert -> [{"path", "strength", "alpha"}]
+    loras: dict[str, list[dict[str, Any]]] = field(default_factory=dict, hash=False)
+    quant_scheme: str | None = None
+    image_encoder: bool = False  # the DiT takes CLIP image features (Wan2.1 I2V)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "task": self.task, "format": self.format}
+        return {"path": self.path, "task": self.task, "format": self.format, "family": self.family,
+                "experts": list(self.experts), "boundary_ratio": self.boundary_ratio, "dits": self.dits,
+                "loras": self.loras, "quant_scheme": self.quant_scheme, "image_encoder": self.image_encoder}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelRef":
-        return cls(path=d["path"], task=d["task"], format=d["format"])
+        return cls(path=d["path"], task=d["task"], format=d["format"], family=d.get("family", "wan2.2"),
+                   experts=tuple(d.get("experts", ("high", "low"))), boundary_ratio=d.get("boundary_ratio"),
+                   dits=d.get("dits", {}), loras=d.get("loras", {}), quant_scheme=d.get("quant_scheme"),
+                   image_encoder=bool(d.get("image_encoder", False)))
 
     @property
     def index(self) -> dict[str, Any]:
         return _read_json(Path(self.path) / "model_index.json")
 
-    @property
-    def experts(self) -> tuple[str, ...]:
-        """('high', 'low') for a Wan2.2 MoE pair, ('single',) for one DiT (Wan2.1)."""
-        idx = self.index
-        if idx.get("transformer_2") and idx["transformer_2"][0] is not None and idx.get("boundary_ratio"):
-            return ("high", "low")
-        return ("single",)
-
-    @property
-    def boundary_ratio(self) -> float | None:
-        return self.index.get("boundary_ratio")
-
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"missing file {path}") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    return wl.read_json(path)
 
 
-def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
-    """The model folder a job of `task` (t2v/i2v) uses under this config."""
+# ------------------------------------------------------------------------------------------------ resolve
+def detect_format(folder: Path) -> str:
+    if (folder / "model_index.json").is_file():
+        return "diffusers"
+    if wl.is_wan_layout(folder):
+        return "wan"
+    raise CheckpointError(f"model folder {folder} is neither the diffusers layout (model_index.json) nor Wan's "
+                          f"original layout ({wl.T5_FILE}, high_noise_model/ or a WanModel config.json)")
+
+
+def _model_folder(config: GenerationConfig, task: str) -> Path:
     path = config.get("model_path")
     if task == "i2v" and config.get("i2v_model_path"):
         path = config["i2v_model_path"]
-    elif task != config.get("task", "t2v") and path != BUILTIN_TINY:
-        raise CheckpointError(f"this config's model ({path}) is a {config.get('task', 't2v')} model; "
-                              f"set i2v_model_path in the config to run {task} rows")
     if path == BUILTIN_TINY:
-        path = str(ensure_tiny_models() / task)
+        return ensure_tiny_models() / task
+    folder = Path(config.resolve_path(path))
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder} (config key model_path)")
+    return folder
+
+
+def _diffusers_facts(folder: Path) -> tuple[str, str, tuple[str, ...], float | None, bool]:
+    """(task, family, experts, boundary_ratio, image_encoder) of a diffusers-layout model."""
+    idx = _read_json(folder / "model_index.json")
+    two = bool(idx.get("transformer_2") and idx["transformer_2"][0] is not None and idx.get("boundary_ratio"))
+    experts = ("high", "low") if two else ("single",)
+    task = "i2v" if "ImageToVideo" in str(idx.get("_class_name", "")) else "t2v"
+    image_encoder = bool(idx.get("image_encoder") and idx["image_encoder"][0] is not None)
+    return task, "wan2.2" if two else "wan2.1", experts, idx.get("boundary_ratio"), image_encoder
+
+
+def _wan_facts(folder: Path) -> tuple[str, str, tuple[str, ...], float | None, bool]:
+    family = wl.wan_family(folder)
+    experts = ("high", "low") if family == "wan2.2" else ("single",)
+    _, cfg = wl.wan_dit_wan_config(folder, experts[0])
+    task = "i2v" if cfg.get("model_type") == "i2v" else "t2v"
+    boundary = wl.WAN_BOUNDARY[task] if family == "wan2.2" else None
+    return task, family, experts, boundary, family == "wan2.1" and task == "i2v"
+
+
+def _dit_source(config: GenerationConfig, folder: Path, fmt: str, expert: str) -> dict[str, str]:
+    qkey, okey = CKPT_KEYS[expert]
+    if config.get("dit_quantized"):
+        if not config.get(qkey):
+            raise CheckpointError(f"dit_quantized is true but config key {qkey} (the {expert} expert's quantized "
+                                  f"checkpoint) is not set")
+        weights = config.resolve_path(config[qkey])
+    elif config.get(okey):
+        weights = config.resolve_path(config[okey])
+    elif fmt == "diffusers":
+        weights = str(folder / COMPONENTS[expert][0])
     else:
-        path = config.resolve_path(path)
-    folder = Path(path)
-    if not (folder / "model_index.json").is_file():
+        weights = str(wl.wan_dit_dir(folder, expert))
+    if not Path(weights).exists():
+        raise CheckpointError(f"{expert} expert checkpoint not found: {weights}")
+    if fmt == "diffusers":
+        arch, arch_fmt = folder / COMPONENTS[expert][0] / "config.json", "diffusers"
+    else:
+        arch, arch_fmt = wl.wan_dit_dir(folder, expert) / "config.json", "wan"
+    if not arch.is_file():
+        raise CheckpointError(f"missing architecture config {arch} for the {expert} expert")
+    return {"weights": str(Path(weights)), "config": str(arch), "config_format": arch_fmt}
+
+
+def _quant_scheme(config: GenerationConfig) -> str | None:
+    if not config.get("dit_quantized"):
+        return None
+    scheme = config.get("dit_quant_scheme")
+    if not scheme or not str(scheme).startswith(QUANT_PREFIXES):
+        raise CheckpointError(f"config key dit_quant_scheme must be fp8-*, int8-* or gguf-* when dit_quantized "
+                              f"is true (got {scheme!r})")
+    return str(scheme)
+
+
+def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
+    """The model a job of `task` (t2v/i2v) uses under this config."""
+    folder = _model_folder(config, task)
+    fmt = config.get("model_format", "auto")
+    if fmt not in FORMATS:
+        raise CheckpointError(f"model_format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    if fmt == "auto":
+        fmt = detect_format(folder)
+    elif fmt == "diffusers" and not (folder / "model_index.json").is_file():
         raise CheckpointError(f"model folder {folder} has no model_index.json (expected the diffusers layout)")
-    return ModelRef(path=str(folder), task=task, format="diffusers")
+    model_task, family, experts, boundary, image_encoder = (_diffusers_facts if fmt == "diffusers"
+                                                             else _wan_facts)(folder)
+    if model_task != task:
+        if task == "i2v":
+            raise CheckpointError(f"model {folder} is a text-to-video model: set i2v_model_path in the config "
+                                  f"to run rows with an image")
+        raise CheckpointError(f"model {folder} is an image-to-video model: every row needs an image "
+                              f"(or set model_path to a text-to-video model)")
+    scheme = _quant_scheme(config)
+    dits = {e: _dit_source(config, folder, fmt, e) for e in experts}
+    if scheme:
+        for e, d in dits.items():
+            is_gguf = d["weights"].endswith(".gguf")
+            if scheme.startswith("gguf") != is_gguf:
+                raise CheckpointError(f"dit_quant_scheme {scheme} does not fit the {e} expert's file "
+                                      f"{d['weights']} ({'a GGUF file' if is_gguf else 'not a .gguf file'})")
+    from .lora import parse_lora_configs
+
+    loras = parse_lora_configs(config.get("lora_configs"), experts, config.resolve_path)
+    if config.get("t5_quantized"):
+        raise CheckpointError("t5_quantized is not supported: use the bf16 T5 (models_t5_umt5-xxl-enc-bf16.pth)")
+    return ModelRef(path=str(folder), task=task, format=fmt, family=family, experts=experts,
+                    boundary_ratio=boundary, dits=dits,
+                    loras={e: [s.to_dict() for s in specs] for e, specs in loras.items()},
+                    quant_scheme=scheme, image_encoder=image_encoder)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _tree(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise CheckpointError(f"missing folder {folder}")
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _with_sidecar(path: Path) -> list[Path]:
+    side = path.with_name(path.name + ".config.json")
+    return [path, side] if side.is_file() else [path]
+
+
+def dit_weight_files(ref: ModelRef, expert: str) -> list[Path]:
+    """The weight files of an expert (only the shards its index names), without reading them."""
+    weights = Path(ref.dits[expert]["weights"])
+    if weights.suffix == ".gguf":
+        return [weights]
+    from .checkpoint import safetensors_files
+
+    files = safetensors_files(weights)
+    if weights.is_dir():
+        files += sorted(weights.glob("*.safetensors.index.json"))
+    return files
+
+
+def component_files(ref: ModelRef, component: str) -> list[Path]:
+    folder = Path(ref.path)
+    if component in EXPERTS:
+        if component not in ref.experts:
+            raise CheckpointError(f"model {ref.path} has no {component} expert (it has {', '.join(ref.experts)})")
+        return dit_weight_files(ref, component) + [Path(ref.dits[component]["config"])]
+    if ref.format == "diffusers":
+        files: list[Path] = []
+        for sub in COMPONENTS[component]:
+            if not (folder / sub).is_dir():
+                raise CheckpointError(f"model {ref.path} has no '{sub}' folder (needed for the {component} stage)")
+            files += _tree(folder / sub)
+        return files
+    if component == "text":
+        return _with_sidecar(folder / wl.T5_FILE) + _tree(folder / wl.T5_TOKENIZER)
+    if component == "vae":
+        return _with_sidecar(folder / wl.VAE_FILE)
+    if component == "clip":
+        return _with_sidecar(folder / wl.CLIP_FILE)
+    raise ValueError(f"unknown component {component!r}")
 
 
 _fingerprints: dict[tuple[str, str], str] = {}
 
 
 def _file_identity(path: Path) -> list[Any]:
-    st = path.stat()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"missing file {path}") from None
     if st.st_size <= HASH_LIMIT:
         h = hashlib.sha256(path.read_bytes()).hexdigest()
         return [path.name, st.st_size, h]
@@ -104,47 +263,107 @@ def _file_identity(path: Path) -> list[Any]:
 
 
 def fingerprint(ref: ModelRef, component: str) -> str:
-    """Short stable id of the files a component is loaded from (feeds the cache keys)."""
-    memo = (ref.path, component)
+    """Short stable id of a component: its files' identities, plus for an expert its LoRAs (strength 0 is
+    no LoRA) and quantization. Feeds the cache keys."""
+    memo = (json.dumps(ref.to_dict(), sort_keys=True), component)
     if memo not in _fingerprints:
-        items = []
-        for sub in COMPONENTS[component]:
-            folder = Path(ref.path) / sub
-            if not folder.is_dir():
-                raise CheckpointError(f"model {ref.path} has no '{sub}' folder (needed for the {component} stage)")
-            for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-                items.append([sub, str(f.relative_to(folder)), *_file_identity(f)[1:]])
-        doc = json.dumps({"format": ref.format, "files": items}, sort_keys=True)
-        _fingerprints[memo] = hashlib.sha256(doc.encode()).hexdigest()[:16]
+        items = [_file_identity(f) for f in component_files(ref, component)]
+        doc: dict[str, Any] = {"format": ref.format, "component": component, "files": items}
+        if component in EXPERTS:
+            doc["quant"] = ref.quant_scheme
+            doc["loras"] = [[_file_identity(Path(s["path"])), s["strength"], s.get("alpha")]
+                            for s in ref.loras.get(component, []) if s["strength"] != 0]
+        _fingerprints[memo] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
     return _fingerprints[memo]
 
 
+def estimate_bytes(ref: ModelRef, component: str) -> int:
+    """Rough resident size of a component (its weight files' size), for the memory budget."""
+    total = 0
+    for f in component_files(ref, component):
+        if f.suffix in (".safetensors", ".pth", ".gguf", ".bin"):
+            total += f.stat().st_size
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def dit_config(ref: ModelRef, expert: str) -> dict[str, Any]:
+    """diffusers WanTransformer3DModel config of an expert (from the model folder, never from the weights)."""
+    d = ref.dits[expert]
+    raw = _read_json(Path(d["config"]))
+    if d["config_format"] == "wan":
+        return wl.dit_config_from_wan(raw, ref.family, d["config"])
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+def _plain_diffusers(ref: ModelRef, expert: str) -> bool:
+    d = ref.dits[expert]
+    return ref.format == "diffusers" and Path(d["weights"]) == Path(ref.path) / COMPONENTS[expert][0]
+
+
+def load_dit(ref: ModelRef, expert: str, dtype: torch.dtype):
+    from .dit import DitWeights, build_dit
+    from .lora import LoraSpec, apply_loras
+
+    if _plain_diffusers(ref, expert):
+        from diffusers import WanTransformer3DModel
+
+        model = WanTransformer3DModel.from_pretrained(ref.dits[expert]["weights"], torch_dtype=dtype)
+    else:
+        weights = DitWeights(ref.dits[expert]["weights"])
+        found = weights.quant_scheme()
+        if ref.quant_scheme and found and not ref.quant_scheme.startswith(found):
+            raise CheckpointError(f"dit_quant_scheme is {ref.quant_scheme} but {weights.path} holds {found} weights")
+        model = build_dit(dit_config(ref, expert), weights, dtype)
+    apply_loras(model, [LoraSpec(**s) for s in ref.loras.get(expert, [])], expert)
+    return model
+
+
 def load_component(ref: ModelRef, component: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """Load a component ready for inference. Returns the module (text: a (tokenizer, encoder) pair)."""
+    """Load a component ready for inference. Returns the module (text: a (tokenizer, encoder) pair; clip: a
+    (processor, encoder) pair)."""
     folder = Path(ref.path)
     try:
         if component == "text":
-            from transformers import AutoTokenizer, UMT5EncoderModel
+            if ref.format == "wan":
+                tokenizer, encoder = wl.load_t5(folder, dtype)
+            else:
+                from transformers import AutoTokenizer, UMT5EncoderModel
 
-            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-            encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
+                tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+                encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
             return tokenizer, encoder.to(device).eval()
         if component == "vae":
+            # The Wan VAE runs in float32 in every reference pipeline: its decode is sensitive to bf16.
+            if ref.format == "wan":
+                return wl.load_vae(folder).to(device)
             from diffusers import AutoencoderKLWan
 
-            # The Wan VAE runs in float32 in every reference pipeline: its decode is sensitive to bf16.
             return AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device).eval()
-        if component in ("high", "low", "single"):
-            from diffusers import WanTransformer3DModel
+        if component == "clip":
+            # float32 like diffusers' Wan2.1 I2V example; the encoder is 0.6B parameters.
+            if ref.format == "wan":
+                processor, encoder = wl.load_clip(folder, torch.float32)
+            else:
+                from transformers import CLIPImageProcessor, CLIPVisionModel
 
-            sub = COMPONENTS[component][0]
-            return WanTransformer3DModel.from_pretrained(folder / sub, torch_dtype=dtype).to(device).eval()
+                processor = CLIPImageProcessor.from_pretrained(folder / "image_processor")
+                encoder = CLIPVisionModel.from_pretrained(folder / "image_encoder", torch_dtype=torch.float32)
+            return processor, encoder.to(device).eval()
+        if component in EXPERTS:
+            if component not in ref.experts:
+                raise CheckpointError(f"model {ref.path} has no {component} expert")
+            return load_dit(ref, component, dtype).to(device).eval()
     except CheckpointError:
         raise
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"cannot load the {component} model from {folder}: {e}") from e
     raise ValueError(f"unknown component {component!r}")
 
 
 def scheduler_config(ref: ModelRef) -> dict[str, Any]:
-    return _read_json(Path(ref.path) / "scheduler" / "scheduler_config.json")
+    if ref.format == "diffusers":
+        return _read_json(Path(ref.path) / "scheduler" / "scheduler_config.json")
+    from diffusers import UniPCMultistepScheduler
+
+    return {k: v for k, v in UniPCMultistepScheduler(**WAN_SCHEDULER).config.items() if not k.startswith("_")}
