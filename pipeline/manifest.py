@@ -65,6 +65,8 @@ def _is_number(t: pa.DataType) -> bool:
 
 
 def read_table(path: Path) -> pa.Table:
+    if path.is_dir():
+        raise ManifestError(str(path), ["is a folder, not a file (a Parquet manifest is one .parquet file)"])
     if not path.is_file():
         raise ManifestError(str(path), ["file not found"])
     try:

@@ -27,8 +27,12 @@ def load_image_rgb(path: str) -> Image.Image:
             img = img.convert("RGB")
     except FileNotFoundError:
         raise WanBatchError(f"image file not found: {path}") from None
+    except IsADirectoryError:
+        raise WanBatchError(f"image path is a folder, not a file: {path}") from None
     except UnidentifiedImageError:
         raise WanBatchError(f"not an image (unrecognised format): {path}") from None
+    except Image.DecompressionBombError as e:  # a header claiming billions of pixels: refuse before decoding
+        raise WanBatchError(f"image {path} is too large to open safely: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise WanBatchError(f"image file is damaged or truncated: {path} ({e})") from None
     if min(img.size) < MIN_IMAGE_SIDE:

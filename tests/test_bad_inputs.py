@@ -1,0 +1,308 @@
+"""A corpus of bad inputs (manifests, images, configs, checkpoints), each checked for a message that names the
+problem (row, column, key or file), and a failing run that never overwrites or deletes what earlier runs made.
+
+Manifest-level problems refuse the manifest (ManifestError listing every problem); row-level problems mark the
+row failed (Job.error) and let the others run. Config problems raise ConfigError naming the key; checkpoint
+problems raise CheckpointError naming the file (or tensor key) when the model is resolved or loaded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import make_image, read_results, run_batch, write_config, write_manifest
+from pipeline.config import load_config, parse_config
+from pipeline.errors import CheckpointError, ConfigError, ManifestError
+from pipeline.manifest import read_manifest
+from pipeline.stages.image import check_image, load_image_rgb
+
+
+def validate(path: Path, config=None):
+    return read_manifest(path, config or load_config(), check_image=check_image)
+
+
+def parquet(tmp: Path, columns: dict, name: str = "m.parquet") -> Path:
+    """A manifest from explicit columns (pyarrow arrays or python lists), so types are what the case says."""
+    path = tmp / name
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------ images (files only)
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def image_file(tmp: Path, kind: str) -> Path:
+    """A bad (or unusual) image file of the given kind."""
+    p = tmp / f"{kind}.png"
+    if kind == "missing":
+        return tmp / "no-such-image.png"
+    if kind == "text":
+        p.write_text("this is not an image\n")
+    elif kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "truncated":
+        good = make_image(tmp / "whole.png", size=(64, 64))
+        p.write_bytes(good.read_bytes()[:120])
+    elif kind == "tiny-1x1":
+        make_image(p, size=(1, 1))
+    elif kind == "folder":
+        p.mkdir()
+    elif kind == "huge-header":  # a valid PNG header claiming 40000 x 40000 pixels: a decompression bomb
+        ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) +
+                      png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + png_chunk(b"IEND", b""))
+    else:
+        raise ValueError(kind)
+    return p
+
+
+# (kind, words the row's error must contain besides the file name)
+BAD_IMAGES = [
+    ("missing", ["image file not found"]),
+    ("text", ["not an image"]),
+    ("empty", ["not an image"]),
+    ("truncated", ["damaged or truncated"]),
+    ("tiny-1x1", ["1x1", "smaller than 16"]),
+    ("folder", ["not a file"]),
+    ("huge-header", ["too large", "1600000000 pixels"]),
+]
+
+
+@pytest.mark.parametrize("kind,words", BAD_IMAGES, ids=[k for k, _ in BAD_IMAGES])
+def test_bad_image_fails_its_row_naming_row_column_and_file(tmp_path, kind, words):
+    bad = image_file(tmp_path, kind)
+    good = make_image(tmp_path / "good.png")
+    jobs = validate(parquet(tmp_path, {"prompt": ["fine", "bad image"], "image": [str(good), str(bad)]}))
+    assert jobs[0].error is None
+    err = jobs[1].error
+    assert err.startswith("row 1:") and "column 'image'" in err and bad.name in err, err
+    for w in words:
+        assert w in err, err
+
+
+def test_cmyk_jpeg_is_converted_not_refused(tmp_path):
+    from PIL import Image
+
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 0] = 255  # pure red
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    out = np.asarray(load_image_rgb(str(tmp_path / "cmyk.jpg")))
+    assert out.shape == (32, 32, 3)
+    assert out[..., 0].mean() > 240 and out[..., 1:].mean() < 15  # still red after CMYK -> RGB
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    grey = np.full((20, 20), 32768, np.uint16)  # half of 16-bit full scale
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    out = np.asarray(load_image_rgb(str(tmp_path / "g16.png")))
+    assert out.shape == (20, 20, 3) and abs(int(out.mean()) - 128) <= 1  # 32768/65535*255, not 255
+
+
+def test_alpha_image_is_flattened_on_white(tmp_path):
+    from PIL import Image
+
+    Image.new("RGBA", (24, 24), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    out = np.asarray(load_image_rgb(str(tmp_path / "clear.png")))
+    assert out.min() == 255  # transparent black becomes the white background, not black
+
+
+# --------------------------------------------------------------------------------------- manifest level
+def _not_parquet(tmp):
+    p = tmp / "m.parquet"
+    p.write_text("prompt,seed\nhello,1\n")
+    return p
+
+
+def _empty_file(tmp):
+    p = tmp / "m.parquet"
+    p.write_bytes(b"")
+    return p
+
+
+def _truncated_parquet(tmp):
+    p = parquet(tmp, {"prompt": ["a"] * 50})
+    p.write_bytes(p.read_bytes()[:-30])
+    return p
+
+
+def _folder(tmp):
+    (tmp / "m.parquet").mkdir()
+    return tmp / "m.parquet"
+
+
+MANIFEST_LEVEL = [  # (id, builder, words the ManifestError must contain)
+    ("not-parquet", _not_parquet, ["m.parquet", "not a readable Parquet file"]),
+    ("empty-file", _empty_file, ["m.parquet", "not a readable Parquet file"]),
+    ("truncated-parquet", _truncated_parquet, ["m.parquet", "not a readable Parquet file"]),
+    ("missing-file", lambda t: t / "nope.parquet", ["nope.parquet", "file not found"]),
+    ("folder-not-file", _folder, ["m.parquet", "not a file"]),
+    ("no-rows", lambda t: parquet(t, {"prompt": pa.array([], pa.string())}), ["no rows"]),
+    ("no-prompt-column", lambda t: parquet(t, {"text": ["a"], "seed": [1]}),
+     ["missing required column 'prompt'", "text, seed"]),
+    ("prompt-not-string", lambda t: parquet(t, {"prompt": [1, 2]}), ["column 'prompt' must hold strings", "int64"]),
+    ("prompt-is-list", lambda t: parquet(t, {"prompt": [["a", "b"]]}), ["column 'prompt' must hold strings", "list"]),
+    ("seed-not-number", lambda t: parquet(t, {"prompt": ["a"], "seed": ["42"]}),
+     ["column 'seed' must hold numbers", "string"]),
+    ("height-bool", lambda t: parquet(t, {"prompt": ["a"], "height": [True]}), ["column 'height' must hold numbers"]),
+    ("image-not-string", lambda t: parquet(t, {"prompt": ["a"], "image": [3]}), ["column 'image' must hold strings"]),
+    ("duplicate-job-id", lambda t: parquet(t, {"prompt": ["a", "b", "c"], "job_id": ["x", "y", "x"]}),
+     ["row 2, column 'job_id': 'x' duplicates row 0"]),
+    ("job-id-dotdot", lambda t: parquet(t, {"prompt": ["a"], "job_id": ["../x"]}),
+     ["row 0, column 'job_id'", "'../x'", "not safe as a file name"]),
+    ("job-id-slash", lambda t: parquet(t, {"prompt": ["a"], "job_id": ["a/b"]}),
+     ["row 0, column 'job_id'", "'a/b'", "not safe"]),
+    ("job-id-backslash", lambda t: parquet(t, {"prompt": ["a"], "job_id": ["a\\b"]}), ["'a\\\\b'", "not safe"]),
+    ("job-id-absolute", lambda t: parquet(t, {"prompt": ["a"], "job_id": ["/etc/passwd"]}), ["not safe"]),
+    ("job-id-empty", lambda t: parquet(t, {"prompt": ["a"], "job_id": [""]}), ["row 0, column 'job_id'", "not safe"]),
+    ("job-id-too-long", lambda t: parquet(t, {"prompt": ["a"], "job_id": ["x" * 200]}), ["not safe"]),
+    ("job-id-newline", lambda t: parquet(t, {"prompt": ["a"], "job_id": ["a\nb"]}), ["not safe"]),
+    ("all-problems-listed", lambda t: parquet(t, {"prompt": ["a", "b"], "job_id": ["../x", "a/b"]}),
+     ["2 problem(s)", "row 0", "row 1"]),
+]
+
+
+@pytest.mark.parametrize("case,build,words", MANIFEST_LEVEL, ids=[c for c, _, _ in MANIFEST_LEVEL])
+def test_manifest_level_problem_refuses_the_manifest(tmp_path, case, build, words):
+    path = build(tmp_path)
+    with pytest.raises(ManifestError) as exc:
+        validate(path)
+    msg = str(exc.value)
+    for w in words:
+        assert w in msg, msg
+
+
+# -------------------------------------------------------------------------------------------- row level
+ROW_LEVEL = [  # (id, column, value, pyarrow type, words the row's error must contain)
+    ("nan-seed", "seed", float("nan"), pa.float64(), ["column 'seed'", "NaN"]),
+    ("inf-seed", "seed", float("inf"), pa.float64(), ["column 'seed'", "whole number"]),
+    ("fractional-seed", "seed", 1.5, pa.float64(), ["column 'seed'", "whole number", "1.5"]),
+    ("negative-seed", "seed", -1, pa.int64(), ["column 'seed'", "between 0 and 2^63-1", "-1"]),
+    ("seed-too-big", "seed", 2**64 - 1, pa.uint64(), ["column 'seed'", "between 0 and 2^63-1"]),
+    ("negative-height", "height", -480, pa.int64(), ["column 'height'", "positive multiple of 16", "-480"]),
+    ("zero-width", "width", 0, pa.int64(), ["column 'width'", "positive multiple of 16"]),
+    ("width-not-16", "width", 100, pa.int64(), ["column 'width'", "multiple of 16", "100"]),
+    ("height-not-16", "height", 40, pa.int64(), ["column 'height'", "multiple of 16", "40"]),
+    ("frames-not-4k1", "num_frames", 80, pa.int64(), ["column 'num_frames'", "4k+1", "80"]),
+    ("frames-zero", "num_frames", 0, pa.int64(), ["column 'num_frames'", "4k+1"]),
+    ("frames-fractional", "num_frames", 17.5, pa.float64(), ["column 'num_frames'", "whole number"]),
+    ("zero-steps", "infer_steps", 0, pa.int64(), ["column 'infer_steps'", "must be positive"]),
+    ("negative-steps", "infer_steps", -4, pa.int64(), ["column 'infer_steps'", "must be positive"]),
+    ("infinite-guidance", "guide_scale", float("inf"), pa.float64(), ["column 'guide_scale'", "finite"]),
+    ("negative-shift", "shift", -1.0, pa.float64(), ["column 'shift'", "positive"]),
+    ("empty-prompt", "prompt", "", pa.string(), ["column 'prompt' is empty"]),
+    ("blank-prompt", "prompt", " \t\n", pa.string(), ["column 'prompt' is empty"]),
+    ("null-prompt", "prompt", None, pa.string(), ["column 'prompt' is empty"]),
+]
+
+
+@pytest.mark.parametrize("case,column,value,typ,words", ROW_LEVEL, ids=[c[0] for c in ROW_LEVEL])
+def test_row_level_problem_fails_only_that_row(tmp_path, case, column, value, typ, words):
+    good = {"prompt": "fine", "seed": 1, "height": 64, "width": 64, "num_frames": 5, "infer_steps": 2,
+            "guide_scale": 4.0, "shift": 5.0}
+    types = {"prompt": pa.string(), "seed": pa.int64(), "height": pa.int64(), "width": pa.int64(),
+             "num_frames": pa.int64(), "infer_steps": pa.int64(), "guide_scale": pa.float64(),
+             "shift": pa.float64()}
+    types[column] = typ
+    bad = dict(good, **{column: value})
+    table = pa.table({c: pa.array([good[c], bad[c]], types[c]) for c in good})
+    pq.write_table(table, tmp_path / "m.parquet")
+    jobs = validate(tmp_path / "m.parquet")
+    assert jobs[0].error is None, jobs[0].error
+    assert jobs[1].error is not None and jobs[1].error.startswith("row 1:"), jobs[1].error
+    for w in words:
+        assert w in jobs[1].error, jobs[1].error
+    with pytest.raises(ManifestError, match="row 1"):  # --strict refuses instead
+        read_manifest(tmp_path / "m.parquet", load_config(), strict=True, check_image=check_image)
+
+
+def test_unknown_manifest_column_is_named_in_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        jobs = validate(parquet(tmp_path, {"prompt": ["a"], "promt_2": ["typo"]}))
+    assert jobs[0].error is None
+    assert any("promt_2" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+CONFIG_CASES = [  # (id, raw JSON object, words the ConfigError must contain)
+    ("int-as-string", {"infer_steps": "40"}, ["'infer_steps'", "got str"]),
+    ("bool-as-int", {"infer_steps": True}, ["'infer_steps'", "got bool"]),
+    ("float-as-int", {"target_video_length": 81.0}, ["'target_video_length'", "got float"]),
+    ("list-as-bool", {"enable_cfg": [True]}, ["'enable_cfg'", "true or false"]),
+    ("boundary-index-past-steps", {"denoising_step_list": [1000, 750, 500, 250], "boundary_step_index": 7},
+     ["'boundary_step_index'", "between 0 and 4", "7"]),
+    ("negative-boundary-index", {"denoising_step_list": [1000, 500], "boundary_step_index": -1},
+     ["'boundary_step_index'", "between 0 and 2"]),
+    ("increasing-step-list", {"denoising_step_list": [250, 500, 750, 1000]},
+     ["'denoising_step_list'", "strictly decreasing"]),
+    ("empty-step-list", {"denoising_step_list": []}, ["'denoising_step_list'", "non-empty"]),
+    ("step-out-of-range", {"denoising_step_list": [2000, 500]}, ["'denoising_step_list'", "(0, 1000]"]),
+    ("boundary-above-1", {"boundary": 1.5}, ["'boundary'", "between 0 and 1"]),
+    ("frames-not-4k1", {"target_video_length": 80}, ["'target_video_length'", "4k+1"]),
+    ("height-not-16", {"target_height": 470}, ["'target_height'", "multiple of 16"]),
+    ("crf-out-of-range", {"video_crf": 99}, ["'video_crf'", "0..51"]),
+    ("guidance-triple", {"sample_guide_scale": [1, 2, 3]}, ["'sample_guide_scale'", "[high_noise_scale"]),
+    ("negative-shift", {"sample_shift": -1}, ["'sample_shift'", "positive"]),
+    ("zero-text-len", {"text_len": 0}, ["'text_len'", "positive"]),
+    ("unknown-task", {"task": "x2v"}, ["'task'", "t2v or i2v"]),
+    ("lora-entry-without-path", {"lora_configs": [{"name": "high_noise_model"}]}, ["'lora_configs'", "'path'"]),
+    ("lora-bad-name", {"lora_configs": [{"name": "middle", "path": "x.safetensors"}]},
+     ["'lora_configs'", "'middle'"]),
+    ("two-problems", {"infer_steps": "x", "video_crf": 99}, ["2 problem(s)", "'infer_steps'", "'video_crf'"]),
+]
+
+
+@pytest.mark.parametrize("case,raw,words", CONFIG_CASES, ids=[c for c, _, _ in CONFIG_CASES])
+def test_bad_config_names_the_key_and_the_file(tmp_path, case, raw, words):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    assert str(path) in msg
+    for w in words:
+        assert w in msg, msg
+
+
+@pytest.mark.parametrize("text,words", [
+    ("{infer_steps: 4}", ["not valid JSON", "line 1 column 2"]),
+    ('{"infer_steps": 4,\n "seed": }', ["not valid JSON", "line 2"]),
+    ("", ["not valid JSON"]),
+    ("[1, 2]", ["top level must be a JSON object"]),
+    ('{"seed": NaN}', ["'seed'"]),  # Python's json reads NaN: it is then not an integer
+], ids=["unquoted-key", "missing-value", "empty", "array", "nan"])
+def test_config_file_that_is_not_a_json_object(tmp_path, text, words):
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    for w in [str(path), *words]:
+        assert w in str(exc.value), str(exc.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "nope.json")
+    assert "nope.json" in str(exc.value) and "cannot read the file: No such file" in str(exc.value)
+
+
+def test_unknown_config_key_is_named_in_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        cfg = parse_config({"infer_stepz": 4}, source="c.json")
+    assert cfg["infer_steps"] == 40  # the typo did not silently change anything
+    assert any("'infer_stepz'" in r.getMessage() and "c.json" in r.getMessage() for r in caplog.records)
