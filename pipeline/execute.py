@@ -4,7 +4,9 @@ so do the debugging commands."""
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import socket
 import time
 from typing import Any, Callable
 
@@ -77,6 +79,7 @@ def _sidecar(spec: StageSpec, run_id: str, seconds: float, extra: dict[str, Any]
         "stage_version": STAGE_VERSION[spec.family], "params": spec.params,
         "upstream": {name: up.key for name, up in spec.upstream.items()},
         "model": spec.model, "wall_s": round(seconds, 4), "device": spec.runtime["device"], "run_id": run_id,
+        "host": socket.gethostname(), "pid": os.getpid(),  # which worker computed it (multi-worker runs)
         "software": {"wan_batch": __version__, "torch": torch.__version__, "python": platform.python_version()},
         **(extra or {}),
     }
