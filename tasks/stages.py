@@ -85,8 +85,9 @@ class StageTask(luigi.Task):
     def run(self) -> None:
         store, ref = self.artifact_store, self.spec.ref
         with store.lock(ref):  # another process may be computing the same artifact
-            if store.is_complete(ref):
-                return  # the winner of a race wrote it: reuse
+            if store.is_complete(ref):  # the winner of a race wrote it while we waited: reuse
+                log.info("%s %s was computed by another run meanwhile: reused", ref.stage, ref.key)
+                return
             store.remove_stale_temps(ref)  # left by a killed writer; we hold the lock, so none is live
             upstream_failures = [t.failure() for t in self.requires() if t.failure()]
             if upstream_failures:
