@@ -117,12 +117,11 @@ def skeleton_models(root: Path, size: str, layers: int | None = None) -> dict[st
     """t2v and i2v model folders in the diffusers layout with the configs of `size` and sparse weight files
     (right keys and shapes, no data): the loader that `install_random_loader` puts in place builds random
     weights from these configs."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from pipeline.models.tiny import VAE_CONFIG, ensure_tiny_models
+    from pipeline.models.tiny import BOUNDARY, SCHEDULER_CONFIG, T5_CONFIG, VAE_CONFIG, build_tokenizer
 
-    tiny = ensure_tiny_models()
     out = {}
     for task in ("t2v", "i2v"):
         dest = root / f"{size}-{layers or 'all'}" / task
@@ -131,16 +130,23 @@ def skeleton_models(root: Path, size: str, layers: int | None = None) -> dict[st
                 shutil.rmtree(dest)
             tmp = dest.with_name(dest.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(tiny / task, tmp)
-            for f in tmp.rglob("*.safetensors"):
-                f.unlink()
+            tmp.mkdir(parents=True)
+            tok = build_tokenizer(tmp / "tokenizer")  # the demo vocabulary: any ASCII prompt tokenizes
+            UniPCMultistepScheduler(**SCHEDULER_CONFIG).save_config(tmp / "scheduler")
+            index = {"_class_name": "WanImageToVideoPipeline" if task == "i2v" else "WanPipeline",
+                     "_diffusers_version": "0.42.1", "boundary_ratio": BOUNDARY[task],
+                     "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+                     "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+                     "transformer": ["diffusers", "WanTransformer3DModel"],
+                     "transformer_2": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
+            if task == "i2v":
+                index.update(expand_timesteps=False, image_encoder=[None, None], image_processor=[None, None])
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
+            t5_cfg = dict(FULL_T5) if size == "full" else dict(T5_CONFIG, vocab_size=len(tok))
             with torch.device("meta"):
                 dit = WanTransformer3DModel(**dit_config(size, task, layers))
                 vae = AutoencoderKLWan(**(FULL_VAE if size == "full" else VAE_CONFIG))
-                t5_cfg = json.loads((tmp / "text_encoder" / "config.json").read_text())
-                if size == "full":
-                    t5_cfg.update(FULL_T5)
-                t5 = UMT5EncoderModel(UMT5Config(**{k: v for k, v in t5_cfg.items() if not k.startswith("_")}))
+                t5 = UMT5EncoderModel(UMT5Config(**t5_cfg))
             for sub in ("transformer", "transformer_2"):
                 dit.save_config(tmp / sub)
                 write_sparse_safetensors(tmp / sub / "diffusion_pytorch_model.safetensors",

@@ -235,7 +235,7 @@ def section_dit(b: Bench) -> None:
             section_offload(b, model, (x, t, ctx, ctx_null), ref, base[res0]["step_s"])
         except Exception as e:  # noqa: BLE001 - report and go on with the other measurements
             b.emit(section="offload", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
-            torch.cuda.set_per_process_memory_fraction(1.0, b.device)
+            torch.cuda.set_per_process_memory_fraction(1.0, _index(b))
             model.to(b.device)
     if b.device.type == "cuda":
         quantize_blocks(model, FP8)
@@ -258,9 +258,9 @@ def section_dit(b: Bench) -> None:
               note=f"recompile {rec['warmup_s'] or 0:.0f} s; diffusers timed on 1 forward x2")
     del model
     if b.device.type == "cuda":
-        import torch._dynamo
+        from torch import _dynamo
 
-        torch._dynamo.reset()  # compiled code can hold the model; Inductor's on-disk cache keeps the kernels
+        _dynamo.reset()  # compiled code can hold the model; Inductor's on-disk cache keeps the kernels
     b.reset_peak()
 
 
@@ -279,6 +279,10 @@ def _profile(b: Bench, fn: Callable[[], Any], name: str) -> None:
            for e in events[:12]]
     b.emit(section="profile", name=name, total_ms=total / 1e3, top=top)
     (b.out / f"profile_{name}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=30))
+
+
+def _index(b: Bench) -> int:
+    return b.device.index if b.device.index is not None else torch.cuda.current_device()
 
 
 # ---- offload: streamed blocks under a VRAM cap ----------------------------------------------------------------
@@ -300,7 +304,7 @@ def section_offload(b: Bench, model, inputs, ref, base_step_s: float) -> None:
         torch.cuda.empty_cache()
         setup = time.perf_counter() - t0
         torch.cuda.reset_peak_memory_stats(b.device)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), b.device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), _index(b))
         try:
             s, _, pred = b.time(lambda: predict_noise(model, xin, t, ctx, ctx_null, 5.0, batched_cfg=batched),
                                 reps=1, warmup=1)
@@ -314,7 +318,7 @@ def section_offload(b: Bench, model, inputs, ref, base_step_s: float) -> None:
             b.row(f"CFG step 480p, {budget_gb} GB cap ({gran} streaming)", s, ref_s, peak, None,
                   note=f"ratio = unconstrained/capped; {rec['streamed_units']} units streamed")
             if budget_gb == 8:  # block-major across jobs: one fetched unit serves every job of the batch
-                torch.cuda.set_per_process_memory_fraction(1.0, b.device)  # the cap is for batch 1
+                torch.cuda.set_per_process_memory_fraction(1.0, _index(b))  # the cap is for batch 1
                 for jobs in (1, 2):
                     streamer.bytes_streamed = 0
                     xs = xin.expand(jobs, *xin.shape[1:]).contiguous()
@@ -324,7 +328,7 @@ def section_offload(b: Bench, model, inputs, ref, base_step_s: float) -> None:
                            s_per_job=s_j / jobs, gb_streamed_per_job=streamer.bytes_streamed / 2**30 / jobs,
                            peak_gb=b.peak_gb())
         finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, b.device)
+            torch.cuda.set_per_process_memory_fraction(1.0, _index(b))
             streamer.remove()
             model.to(b.device)  # streamed units' pinned views -> GPU again
             del streamer
@@ -416,7 +420,9 @@ def section_batch(b: Bench) -> None:
                        store=str(root / "store"), strict=False)
         wall = time.perf_counter() - t0
         loads = sum(MODELS.load_seconds.values())
-        load_counts = {f"{k[0]}": v for k, v in MODELS.loads.items()}
+        load_counts = {f"{k[0]}:{k[1]}": v for k, v in MODELS.loads.items()}
+        perf = [getattr(m[0], "wan_batch_perf", None) for m in MODELS._models.values()]
+        b.emit(section="batch", resident_perf_settings=[p for p in perf if p])
     finally:
         undo()
         MODELS.clear()
