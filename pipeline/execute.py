@@ -20,7 +20,8 @@ from .plan import STAGE_VERSION, StageSpec
 from .runtime import MODELS, default_budget
 from .stages.decode import decode_latents, to_uint8, write_mp4
 from .stages.denoise import denoise_steps, initial_noise
-from .stages.image import encode_image_condition, load_image_rgb, resize_center_crop
+from .stages.image import (ImageConditioned, encode_image_clip, encode_image_condition, load_image_rgb,
+                           resize_center_crop)
 from .stages.schedule import export_state, import_state, make_scheduler
 from .stages.text import encode_text
 from .store import ArtifactStore
@@ -35,14 +36,15 @@ def _device(spec: StageSpec) -> torch.device:
     return torch.device(spec.runtime["device"])
 
 
-def get_model(spec: StageSpec) -> Any:
-    """The spec's model from the process-wide cache (loaded at most once while it fits the budget)."""
+def get_model(spec: StageSpec, component: str | None = None, fp: str | None = None) -> Any:
+    """The spec's model from the process-wide cache (loaded at most once while it fits the budget).
+    `component`/`fp` pick another component of the spec's model (the image stage's CLIP encoder)."""
     ref = ModelRef.from_dict(spec.model)
-    component = spec.model["component"]
+    component = component or spec.model["component"]
     device, dtype = _device(spec), _DTYPES[spec.runtime["dtype"]]
     gb = spec.runtime.get("vram_budget_gb" if device.type == "cuda" else "ram_budget_gb")
     budget = int(gb * 2**30) if gb else default_budget(device)
-    fp = spec.params.get("model") or spec.params.get("dit") or spec.params.get("vae")
+    fp = fp or spec.params.get("model") or spec.params.get("dit") or spec.params.get("vae")
     estimate = _estimate_bytes(ref, component)
     if component in DIT_COMPONENTS:
         # fast paths (attention backend, compile, block streaming) from the run's settings; on a GPU only one
@@ -57,14 +59,9 @@ def get_model(spec: StageSpec) -> Any:
 
 
 def _estimate_bytes(ref: ModelRef, component: str) -> int:
-    from pathlib import Path
+    from .models.loader import estimate_bytes
 
-    from .models.loader import COMPONENTS
-
-    total = 0
-    for sub in COMPONENTS[component]:
-        total += sum(f.stat().st_size for f in (Path(ref.path) / sub).rglob("*.safetensors"))
-    return total
+    return estimate_bytes(ref, component)
 
 
 def _check_finite(name: str, tensor: torch.Tensor, spec: StageSpec) -> None:
@@ -102,7 +99,12 @@ def run_image(spec: StageSpec, store: ArtifactStore, run_id: str) -> dict[str, A
     cond = encode_image_condition(vae, image, p["num_frames"])
     _check_finite("cond", cond, spec)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(p["height"], p["width"], 3)
-    return store.write_tensors(spec.ref, {"cond": cond, "image": pixels},
+    extra = {}
+    if p.get("clip"):  # Wan2.1 I2V: CLIP image features for the DiT's image cross-attention
+        processor, encoder = get_model(spec, "clip", p["clip"])
+        extra["clip"] = encode_image_clip(processor, encoder, image)
+        _check_finite("clip", extra["clip"], spec)
+    return store.write_tensors(spec.ref, {"cond": cond, "image": pixels, **extra},
                                _sidecar(spec, run_id, time.perf_counter() - t0))
 
 
@@ -123,7 +125,10 @@ def run_denoise(spec: StageSpec, store: ArtifactStore, run_id: str,
     context_null = None
     if p["cfg"]:
         context_null = store.load_tensors(spec.upstream["text_null"].ref, device)["context"].to(transformer.dtype)
-    cond = store.load_tensors(spec.upstream["image"].ref, device)["cond"] if "image" in spec.upstream else None
+    image = store.load_tensors(spec.upstream["image"].ref, device) if "image" in spec.upstream else {}
+    cond = image.get("cond")
+    if "clip" in image:  # Wan2.1 I2V: the DiT also attends to the CLIP image features
+        transformer = ImageConditioned(transformer, image["clip"])
     steps = range(*p["steps"])
     on_step = faults.wrap_step(spec.stage, on_step)
     latents = denoise_steps(transformer, sched, latents, steps, context, context_null, p["guide_scale"] or 1.0,

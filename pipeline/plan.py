@@ -160,6 +160,8 @@ class Planner:
         if job.image:
             params = {"image_sha256": _file_sha256(job.image), "height": height, "width": width,
                       "num_frames": frames, "vae": fingerprint(ref, "vae")}
+            if ref.image_encoder:  # Wan2.1 I2V: the image artifact also holds CLIP features
+                params["clip"] = fingerprint(ref, "clip")
             image["image"] = StageSpec("image", params, model={**self._component(ref, "vae"), "image": job.image},
                                        runtime=self.runtime)
 

@@ -2,6 +2,7 @@
 import pipeline  # noqa: F401  (configures Luigi: local scheduler by default, non-zero exit codes)
 
 from .run_manifest import RunManifest
+from .run_stage import RunStage
 from .stages import DecodeVideo, Denoise, EncodeImage, EncodeText, StageTask, task_for
 
-__all__ = ["RunManifest", "EncodeText", "EncodeImage", "Denoise", "DecodeVideo", "StageTask", "task_for"]
+__all__ = ["RunManifest", "RunStage", "EncodeText", "EncodeImage", "Denoise", "DecodeVideo", "StageTask", "task_for"]

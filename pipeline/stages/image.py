@@ -79,3 +79,29 @@ def encode_image_condition(vae, image: Image.Image, num_frames: int) -> torch.Te
     latent = (latent - mean) * inv_std
     mask = first_frame_mask(num_frames, latent.shape[3], latent.shape[4]).to(device)
     return torch.cat([mask, latent], dim=1)
+
+
+@torch.no_grad()
+def encode_image_clip(processor, encoder, image: Image.Image) -> torch.Tensor:
+    """clip [1, tokens, width] (Wan2.1 I2V: [1, 257, 1280]): the CLIP ViT's penultimate hidden states, as
+    Wan (`use_31_block`) and diffusers' WanImageToVideoPipeline take them."""
+    device = next(encoder.parameters()).device
+    pixels = processor(images=image, return_tensors="pt")["pixel_values"].to(device, encoder.dtype)
+    return encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2].float()
+
+
+class ImageConditioned:
+    """A DiT called with CLIP image features added to every forward (`encoder_hidden_states_image`), so the
+    denoise loop stays the same for Wan2.1 I2V; the features are repeated for a CFG batch."""
+
+    def __init__(self, transformer, clip: torch.Tensor):
+        self.transformer = transformer
+        self.clip = clip.to(transformer.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def __call__(self, hidden_states: torch.Tensor, **kwargs):
+        image = self.clip.expand(hidden_states.shape[0], -1, -1)
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states_image=image, **kwargs)

@@ -1,0 +1,34 @@
+"""RunStage: run one stage of one job directly with Luigi (and whatever it needs upstream that is missing).
+
+    luigi --module pipeline RunStage --manifest jobs.parquet --job-id cat-1 --stage denoise-low
+
+It runs without a run id, so an error in the stage fails the task with its traceback and a non-zero exit,
+instead of being recorded for results.parquet. An artifact that is already in the store is not recomputed:
+`wan-batch rerun --no-run` removes it (and what depends on it, for that job) first.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+
+import luigi
+
+from .stages import task_for
+
+
+class RunStage(luigi.WrapperTask):
+    manifest = luigi.Parameter(description="Parquet manifest the job is in")
+    job_id = luigi.Parameter(description="job_id of the row")
+    stage = luigi.Parameter(description="text, text-negative, image, denoise-high, denoise-low, denoise-single, "
+                                        "decode")
+    config = luigi.Parameter(default="", description="config the batch runs with (default: the tiny model)")
+    store = luigi.Parameter(default="wan-store")
+
+    @cached_property
+    def spec(self):
+        from pipeline.inspect import find_job
+        from pipeline.rerun import stage_spec
+
+        return stage_spec(find_job(self.manifest, self.config or None, self.job_id), self.stage)
+
+    def requires(self):
+        return task_for(self.spec, self.store)
