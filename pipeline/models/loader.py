@@ -99,7 +99,7 @@ def detect_format(folder: Path) -> str:
                           f"original layout ({wl.T5_FILE}, high_noise_model/ or a WanModel config.json)")
 
 
-def _model_folder(config: GenerationConfig, task: str) -> Path:
+def model_folder(config: GenerationConfig, task: str) -> Path:
     path = config.get("model_path")
     if task == "i2v" and config.get("i2v_model_path"):
         path = config["i2v_model_path"]
@@ -130,7 +130,12 @@ def _wan_facts(folder: Path) -> tuple[str, str, tuple[str, ...], float | None, b
     return task, family, experts, boundary, family == "wan2.1" and task == "i2v"
 
 
-def _dit_source(config: GenerationConfig, folder: Path, fmt: str, expert: str) -> dict[str, str]:
+def model_facts(folder: Path, fmt: str) -> tuple[str, str, tuple[str, ...], float | None, bool]:
+    """(task, family, experts, boundary_ratio, image_encoder) of a model folder in format `fmt`."""
+    return (_diffusers_facts if fmt == "diffusers" else _wan_facts)(folder)
+
+
+def dit_source(config: GenerationConfig, folder: Path, fmt: str, expert: str) -> dict[str, str]:
     qkey, okey = CKPT_KEYS[expert]
     if config.get("dit_quantized"):
         if not config.get(qkey):
@@ -154,7 +159,7 @@ def _dit_source(config: GenerationConfig, folder: Path, fmt: str, expert: str) -
     return {"weights": str(Path(weights)), "config": str(arch), "config_format": arch_fmt}
 
 
-def _quant_scheme(config: GenerationConfig) -> str | None:
+def quant_scheme(config: GenerationConfig) -> str | None:
     if not config.get("dit_quantized"):
         return None
     scheme = config.get("dit_quant_scheme")
@@ -164,26 +169,32 @@ def _quant_scheme(config: GenerationConfig) -> str | None:
     return str(scheme)
 
 
-def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
-    """The model a job of `task` (t2v/i2v) uses under this config."""
-    folder = _model_folder(config, task)
+def model_format(config: GenerationConfig, folder: Path) -> str:
     fmt = config.get("model_format", "auto")
     if fmt not in FORMATS:
         raise CheckpointError(f"model_format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     if fmt == "auto":
-        fmt = detect_format(folder)
-    elif fmt == "diffusers" and not (folder / "model_index.json").is_file():
+        return detect_format(folder)
+    if fmt == "diffusers" and not (folder / "model_index.json").is_file():
         raise CheckpointError(f"model folder {folder} has no model_index.json (expected the diffusers layout)")
-    model_task, family, experts, boundary, image_encoder = (_diffusers_facts if fmt == "diffusers"
-                                                             else _wan_facts)(folder)
+    if fmt == "wan" and not wl.is_wan_layout(folder):
+        raise CheckpointError(f"model folder {folder} is not Wan's original layout (model_format wan)")
+    return fmt
+
+
+def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
+    """The model a job of `task` (t2v/i2v) uses under this config."""
+    folder = model_folder(config, task)
+    fmt = model_format(config, folder)
+    model_task, family, experts, boundary, image_encoder = model_facts(folder, fmt)
     if model_task != task:
         if task == "i2v":
             raise CheckpointError(f"model {folder} is a text-to-video model: set i2v_model_path in the config "
                                   f"to run rows with an image")
         raise CheckpointError(f"model {folder} is an image-to-video model: every row needs an image "
                               f"(or set model_path to a text-to-video model)")
-    scheme = _quant_scheme(config)
-    dits = {e: _dit_source(config, folder, fmt, e) for e in experts}
+    scheme = quant_scheme(config)
+    dits = {e: dit_source(config, folder, fmt, e) for e in experts}
     if scheme:
         for e, d in dits.items():
             is_gguf = d["weights"].endswith(".gguf")
@@ -319,6 +330,29 @@ def load_dit(ref: ModelRef, expert: str, dtype: torch.dtype):
     return model
 
 
+def _own_aligned_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Copy CPU parameters/buffers that sit at an unaligned address (views into a checkpoint's read buffer)
+    into fresh 64-byte-aligned tensors. CPU matmul kernels take alignment-dependent paths, so without this the
+    same weights loaded from two formats can differ in the last bit."""
+    done: dict[int, torch.Tensor] = {}  # tied parameters (UMT5's embeddings) stay one tensor
+    for mod in module.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in list(table.items()):
+                if t is None or id(t) in done:
+                    if t is not None:
+                        table[name] = done[id(t)]
+                    continue
+                # quantized raw data (GGUF bytes) stays memory-mapped: numpy dequantizes it either way
+                if t.device.type != "cpu" or not t.is_floating_point() or t.data_ptr() % 64 == 0:
+                    continue
+                fresh = t.detach().clone(memory_format=torch.contiguous_format)
+                new = torch.nn.Parameter(fresh, requires_grad=t.requires_grad) if isinstance(
+                    t, torch.nn.Parameter) else fresh
+                done[id(t)] = new
+                table[name] = new
+    return module
+
+
 def load_component(ref: ModelRef, component: str, device: torch.device, dtype: torch.dtype) -> Any:
     """Load a component ready for inference. Returns the module (text: a (tokenizer, encoder) pair; clip: a
     (processor, encoder) pair)."""
@@ -332,14 +366,15 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
 
                 tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
                 encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
-            return tokenizer, encoder.to(device).eval()
+            return tokenizer, _own_aligned_memory(encoder.to(device).eval())
         if component == "vae":
             # The Wan VAE runs in float32 in every reference pipeline: its decode is sensitive to bf16.
             if ref.format == "wan":
-                return wl.load_vae(folder).to(device)
+                return _own_aligned_memory(wl.load_vae(folder).to(device))
             from diffusers import AutoencoderKLWan
 
-            return AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device).eval()
+            vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+            return _own_aligned_memory(vae.to(device).eval())
         if component == "clip":
             # float32 like diffusers' Wan2.1 I2V example; the encoder is 0.6B parameters.
             if ref.format == "wan":
@@ -349,11 +384,11 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
 
                 processor = CLIPImageProcessor.from_pretrained(folder / "image_processor")
                 encoder = CLIPVisionModel.from_pretrained(folder / "image_encoder", torch_dtype=torch.float32)
-            return processor, encoder.to(device).eval()
+            return processor, _own_aligned_memory(encoder.to(device).eval())
         if component in EXPERTS:
             if component not in ref.experts:
                 raise CheckpointError(f"model {ref.path} has no {component} expert")
-            return load_dit(ref, component, dtype).to(device).eval()
+            return _own_aligned_memory(load_dit(ref, component, dtype).to(device).eval())
     except CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:

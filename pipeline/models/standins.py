@@ -316,7 +316,7 @@ def write_clip(image_encoder_dir: Path, out: Path) -> None:
     wan: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
-        m = re.match(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$", k)
+        m = re.match(r"^(?:vision_model\.)?encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$", k)
         if m:
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = v
             continue
@@ -415,9 +415,10 @@ def write_standin_tree(root: Path) -> Path:
             write_single_file(src, distill / f"{stem}_lightx2v_4step.safetensors")
             write_single_file(src, distill / f"{stem}_scaled_fp8_e4m3_lightx2v_4step.safetensors", "fp8")
             write_single_file(src, distill / f"{stem}_int8_lightx2v_4step.safetensors", "int8")
-            write_lora(src, loras / f"{stem}_lora_rank64_lightx2v_4step_1217.safetensors",
+            date = "_1217" if task == "t2v" else ""  # as named in the configs (seed 000's t2v LoRAs)
+            write_lora(src, loras / f"{stem}_lora_rank64_lightx2v_4step{date}.safetensors",
                        seed=1 if noise == "high_noise" else 2)
-    for task, repo in (("i2v", "Wan2.2-I2V-A14B-GGUF"), ("t2v", "Wan2.2-T2V-A14B-GGUF")):
+    for task, repo in (("i2v", "Wan2.2-I2V-A14B-GGUF"),):
         for sub, noise in (("transformer", "HighNoise"), ("transformer_2", "LowNoise")):
             for quant in ("Q4_K_M", "Q8_0"):
                 name = f"{repo.replace('-GGUF', '')}-{noise}-{quant}.gguf"

@@ -108,23 +108,24 @@ T5_MAP = TemplateMap([
     ("norm.weight", "encoder.final_layer_norm.weight"),
 ])
 
-# CLIP visual tower (open-clip ViT-H/14 as Wan ships it) -> transformers CLIPVisionModel. to_qkv is split.
+# CLIP visual tower (open-clip ViT-H/14 as Wan ships it) -> transformers CLIPVisionModel (names below the
+# `vision_model.` prefix, which transformers 5 dropped from the state dict; see clip_prefix). to_qkv is split.
 CLIP_MAP = TemplateMap([
-    ("visual.patch_embedding.weight", "vision_model.embeddings.patch_embedding.weight"),
-    ("visual.cls_embedding", "vision_model.embeddings.class_embedding"),
-    ("visual.pos_embedding", "vision_model.embeddings.position_embedding.weight"),
-    ("visual.pre_norm.weight", "vision_model.pre_layrnorm.weight"),
-    ("visual.pre_norm.bias", "vision_model.pre_layrnorm.bias"),
-    ("visual.transformer.{i}.norm1.weight", "vision_model.encoder.layers.{i}.layer_norm1.weight"),
-    ("visual.transformer.{i}.norm1.bias", "vision_model.encoder.layers.{i}.layer_norm1.bias"),
-    ("visual.transformer.{i}.attn.proj.weight", "vision_model.encoder.layers.{i}.self_attn.out_proj.weight"),
-    ("visual.transformer.{i}.attn.proj.bias", "vision_model.encoder.layers.{i}.self_attn.out_proj.bias"),
-    ("visual.transformer.{i}.norm2.weight", "vision_model.encoder.layers.{i}.layer_norm2.weight"),
-    ("visual.transformer.{i}.norm2.bias", "vision_model.encoder.layers.{i}.layer_norm2.bias"),
-    ("visual.transformer.{i}.mlp.0.weight", "vision_model.encoder.layers.{i}.mlp.fc1.weight"),
-    ("visual.transformer.{i}.mlp.0.bias", "vision_model.encoder.layers.{i}.mlp.fc1.bias"),
-    ("visual.transformer.{i}.mlp.2.weight", "vision_model.encoder.layers.{i}.mlp.fc2.weight"),
-    ("visual.transformer.{i}.mlp.2.bias", "vision_model.encoder.layers.{i}.mlp.fc2.bias"),
+    ("visual.patch_embedding.weight", "embeddings.patch_embedding.weight"),
+    ("visual.cls_embedding", "embeddings.class_embedding"),
+    ("visual.pos_embedding", "embeddings.position_embedding.weight"),
+    ("visual.pre_norm.weight", "pre_layrnorm.weight"),
+    ("visual.pre_norm.bias", "pre_layrnorm.bias"),
+    ("visual.transformer.{i}.norm1.weight", "encoder.layers.{i}.layer_norm1.weight"),
+    ("visual.transformer.{i}.norm1.bias", "encoder.layers.{i}.layer_norm1.bias"),
+    ("visual.transformer.{i}.attn.proj.weight", "encoder.layers.{i}.self_attn.out_proj.weight"),
+    ("visual.transformer.{i}.attn.proj.bias", "encoder.layers.{i}.self_attn.out_proj.bias"),
+    ("visual.transformer.{i}.norm2.weight", "encoder.layers.{i}.layer_norm2.weight"),
+    ("visual.transformer.{i}.norm2.bias", "encoder.layers.{i}.layer_norm2.bias"),
+    ("visual.transformer.{i}.mlp.0.weight", "encoder.layers.{i}.mlp.fc1.weight"),
+    ("visual.transformer.{i}.mlp.0.bias", "encoder.layers.{i}.mlp.fc1.bias"),
+    ("visual.transformer.{i}.mlp.2.weight", "encoder.layers.{i}.mlp.fc2.weight"),
+    ("visual.transformer.{i}.mlp.2.bias", "encoder.layers.{i}.mlp.fc2.bias"),
 ])
 _CLIP_QKV = re.compile(r"^visual\.transformer\.(\d+)\.attn\.to_qkv\.(weight|bias)$")
 
@@ -402,19 +403,26 @@ def load_clip(folder: Path, dtype: torch.dtype):
     return processor, model.to(dtype).eval()
 
 
+def clip_prefix(model) -> str:
+    """'vision_model.' when this transformers version keeps it in CLIPVisionModel's state dict, else ''."""
+    return "" if "embeddings.class_embedding" in model.state_dict() else "vision_model."
+
+
 def convert_clip(sd: dict[str, torch.Tensor], model, source: str) -> dict[str, torch.Tensor]:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    pre = clip_prefix(model)
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         m = _CLIP_QKV.match(k)
         if m:
             q, kk, vv = v.chunk(3, dim=0)
             for name, part in zip(("q_proj", "k_proj", "v_proj"), (q, kk, vv)):
-                out[f"vision_model.encoder.layers.{m.group(1)}.self_attn.{name}.{m.group(2)}"] = part
+                out[f"{pre}encoder.layers.{m.group(1)}.self_attn.{name}.{m.group(2)}"] = part
             continue
         new = CLIP_MAP.forward(k)
         if new is None:
             continue  # the text tower, the projection head and log_scale are not used by Wan's I2V
+        new = pre + new
         if new.endswith("class_embedding"):
             v = v.reshape(-1)
         elif new.endswith("position_embedding.weight"):
@@ -422,8 +430,8 @@ def convert_clip(sd: dict[str, torch.Tensor], model, source: str) -> dict[str, t
         out[new] = v
     # Wan's ViT has no post-norm (and Wan reads the 31st block's output, before it): identity.
     width = model.config.hidden_size
-    out.setdefault("vision_model.post_layernorm.weight", torch.ones(width))
-    out.setdefault("vision_model.post_layernorm.bias", torch.zeros(width))
+    out.setdefault(f"{pre}post_layernorm.weight", torch.ones(width))
+    out.setdefault(f"{pre}post_layernorm.bias", torch.zeros(width))
     for k in expected:
         if k.endswith("position_ids"):
             out.setdefault(k, model.state_dict()[k])
@@ -432,4 +440,4 @@ def convert_clip(sd: dict[str, torch.Tensor], model, source: str) -> dict[str, t
 
 
 def clip_key_to_wan(key: str) -> str | None:
-    return CLIP_MAP.backward(key)
+    return CLIP_MAP.backward(key[len("vision_model."):] if key.startswith("vision_model.") else key)
