@@ -237,6 +237,10 @@ def section_dit(b: Bench) -> None:
             b.emit(section="offload", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
             torch.cuda.set_per_process_memory_fraction(1.0, _index(b))
             model.to(b.device)
+    if b.args.no_fast:
+        del model
+        b.reset_peak()
+        return
     if b.device.type == "cuda":
         quantize_blocks(model, FP8)
         gc.collect()
@@ -288,52 +292,60 @@ def _index(b: Bench) -> int:
 # ---- offload: streamed blocks under a VRAM cap ----------------------------------------------------------------
 
 def section_offload(b: Bench, model, inputs, ref, base_step_s: float) -> None:
-    from pipeline.models.offload import BlockStreamer, plan_resident_units
-    from pipeline.stages.denoise import predict_noise
-
     x, t, ctx, ctx_null = inputs
     xin = x.to(b.dtype)
     total = torch.cuda.get_device_properties(b.device).total_memory
     unconstrained = b.state["unconstrained_step_s"]
-    for budget_gb, gran, batched, reserve_gb in ((24, "block", True, 9.0), (8, "phase", False, 4.5)):
-        t0 = time.perf_counter()
-        budget = int(budget_gb * 2**30)
-        resident = plan_resident_units(model, gran, budget, int(reserve_gb * 2**30))
-        streamer = BlockStreamer(model, b.device, gran, resident_units=resident)
+    for budget_gb, gran, batched, reserve_gb in ((24, "block", True, 12.0), (8, "phase", False, 4.5)):
+        try:
+            _offload_one(b, model, xin, t, ctx, ctx_null, ref, total, budget_gb, gran, batched, reserve_gb,
+                         unconstrained if batched else base_step_s)
+        except Exception as e:  # noqa: BLE001 - the next budget still runs
+            b.emit(section="offload", budget_gb=budget_gb, error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def _offload_one(b: Bench, model, xin, t, ctx, ctx_null, ref, total: int, budget_gb: int, gran: str,
+                 batched: bool, reserve_gb: float, ref_s: float) -> None:
+    from pipeline.models.offload import BlockStreamer, plan_resident_units
+    from pipeline.stages.denoise import predict_noise
+
+    t0 = time.perf_counter()
+    budget = int(budget_gb * 2**30)
+    resident = plan_resident_units(model, gran, budget, int(reserve_gb * 2**30))
+    streamer = BlockStreamer(model, b.device, gran, resident_units=resident)
+    gc.collect()
+    torch.cuda.empty_cache()
+    setup = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats(b.device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), _index(b))
+    try:
+        s, _, pred = b.time(lambda: predict_noise(model, xin, t, ctx, ctx_null, 5.0, batched_cfg=batched),
+                            reps=1, warmup=1)
+        peak = b.peak_gb()
+        rec = b.emit(section="offload", budget_gb=budget_gb, granularity=gran, batched_cfg=batched,
+                     resident_units=resident, streamed_units=len(streamer.streamed), step_s=s, peak_gb=peak,
+                     setup_s=setup, vs_unconstrained=s / ref_s,
+                     gb_streamed_per_step=streamer.bytes_streamed / 2**30 / 2,
+                     **(_compare(ref, pred) if ref is not None else {}))
+        b.row(f"CFG step 480p, {budget_gb} GB cap ({gran} streaming, bf16)", s, ref_s, peak, None,
+              note=f"ratio = unconstrained/capped; {rec['streamed_units']} units streamed")
+        if budget_gb == 8:  # block-major across jobs: one fetched unit serves every job of the batch
+            torch.cuda.set_per_process_memory_fraction(1.0, _index(b))  # the cap was for batch 1
+            for jobs in (1, 2):
+                streamer.bytes_streamed = 0
+                xs = xin.expand(jobs, *xin.shape[1:]).contiguous()
+                s_j, _, _ = b.time(lambda: model(xs, t.expand(jobs), ctx.expand(jobs, -1, -1),
+                                                 return_dict=False)[0], reps=1)
+                b.emit(section="offload", budget_gb=budget_gb, block_major_jobs=jobs, forward_s=s_j,
+                       s_per_job=s_j / jobs, gb_streamed_per_job=streamer.bytes_streamed / 2**30 / jobs,
+                       peak_gb=b.peak_gb())
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, _index(b))
+        streamer.remove()
+        model.to(b.device)  # streamed units' pinned copies -> GPU again
+        del streamer
         gc.collect()
         torch.cuda.empty_cache()
-        setup = time.perf_counter() - t0
-        torch.cuda.reset_peak_memory_stats(b.device)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), _index(b))
-        try:
-            s, _, pred = b.time(lambda: predict_noise(model, xin, t, ctx, ctx_null, 5.0, batched_cfg=batched),
-                                reps=1, warmup=1)
-            peak = b.peak_gb()
-            ref_s = unconstrained if batched else base_step_s
-            rec = b.emit(section="offload", budget_gb=budget_gb, granularity=gran, batched_cfg=batched,
-                         resident_units=resident, streamed_units=len(streamer.streamed), step_s=s, peak_gb=peak,
-                         setup_s=setup, vs_unconstrained=s / ref_s,
-                         gb_streamed_per_step=streamer.bytes_streamed / 2**30 / 2,
-                         **(_compare(ref, pred) if ref is not None else {}))
-            b.row(f"CFG step 480p, {budget_gb} GB cap ({gran} streaming)", s, ref_s, peak, None,
-                  note=f"ratio = unconstrained/capped; {rec['streamed_units']} units streamed")
-            if budget_gb == 8:  # block-major across jobs: one fetched unit serves every job of the batch
-                torch.cuda.set_per_process_memory_fraction(1.0, _index(b))  # the cap is for batch 1
-                for jobs in (1, 2):
-                    streamer.bytes_streamed = 0
-                    xs = xin.expand(jobs, *xin.shape[1:]).contiguous()
-                    s_j, _, _ = b.time(lambda: model(xs, t.expand(jobs), ctx.expand(jobs, -1, -1),
-                                                     return_dict=False)[0], reps=1)
-                    b.emit(section="offload", budget_gb=budget_gb, block_major_jobs=jobs, forward_s=s_j,
-                           s_per_job=s_j / jobs, gb_streamed_per_job=streamer.bytes_streamed / 2**30 / jobs,
-                           peak_gb=b.peak_gb())
-        finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, _index(b))
-            streamer.remove()
-            model.to(b.device)  # streamed units' pinned views -> GPU again
-            del streamer
-            gc.collect()
-            torch.cuda.empty_cache()
 
 
 # ---- vae decode ------------------------------------------------------------------------------------------------
@@ -524,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="scratch folder for the batch section")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--skip-diffusers", action="store_true", help="batch section: ours only")
+    p.add_argument("--no-fast", action="store_true", help="dit section: stop after the bf16 paths (and offload)")
     args = p.parse_args(argv)
     args.sections = args.sections.split(",")
     args.res = args.res.split(",")
