@@ -1,0 +1,174 @@
+"""Request and response models of both APIs, and the one normalised job they become.
+
+A job is what the worker writes as one manifest row: prompt, negative prompt, image (a file in the service
+folder), seed and the per-row overrides (manifest column names). Fields a request leaves out take the server
+config's values, as LightX2V's server does (it passes only the fields a request set).
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from pathlib import PurePosixPath
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..config import check_values
+from ..manifest import SAFE_JOB_ID
+from .inputs import RequestError
+from .settings import ServiceSettings
+
+MAX_SEED = 2**63 - 1
+_SIZE = re.compile(r"^\s*(\d{1,6})\s*[*xX]\s*(\d{1,6})\s*$")
+
+
+def random_seed() -> int:
+    return random.randint(0, 2**32 - 1)  # LightX2V's range for an unset seed
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class SubmitRequest(BaseModel):
+    """POST /submit (the multi-device Wan service's fields, plus negative_prompt)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="text prompt")
+    negative_prompt: Optional[str] = Field(None, description="CFG negative prompt (default: the config's)")
+    image_url: Optional[str] = Field(None, description="first frame for image-to-video: http(s) URL, base64, or a "
+                                                       "path under an allowed folder")
+    image_size: Optional[str] = Field(None, description="'W*H', e.g. '832*480' (default: the config's size)")
+    num_frames: Optional[int] = Field(None, ge=1, description="frames, 4k+1 (default: the config's)")
+    guidance_scale: Optional[float] = Field(None, allow_inf_nan=False, description="CFG scale, both experts")
+    infer_steps: Optional[int] = Field(None, ge=1, description="denoising steps (default: the config's)")
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="noise seed (default: random)")
+
+    _prompt = field_validator("prompt")(_not_blank)
+
+
+class SubmitResponse(BaseModel):
+    task_id: str
+    status: str
+    status_url: str
+    queue_position: int
+
+
+class StatusResponse(BaseModel):
+    task_id: str
+    status: str = Field(description="queued, running, done, failed or cancelled")
+    stage: Optional[str] = Field(None, description="the stage in progress (or next) while queued/running")
+    progress: float = Field(description="share of this job's stage artifacts that exist, 0..1")
+    stages_done: list[str] = []
+    queue_position: Optional[int] = None
+    video_url: Optional[str] = None
+    error: Optional[str] = None
+    seed: int
+    created_at: float
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+
+
+class VideoTaskRequest(BaseModel):
+    """LightX2V's VideoTaskRequest (lightx2v/server/schema.py). Unknown fields are ignored, as there."""
+
+    task_id: Optional[str] = None
+    prompt: str = ""
+    use_prompt_enhancer: bool = False
+    negative_prompt: str = ""
+    image_path: str = Field("", description="base64 image, http(s) URL, or a path under an allowed folder")
+    last_frame_path: str = ""
+    save_result_path: str = Field("", description="relative to the server's outputs folder; default <task_id>.mp4")
+    infer_steps: int = 5
+    seed: int = Field(default_factory=random_seed, ge=0, le=MAX_SEED)
+    target_shape: list[int] = Field([], description="[height, width]")
+    lora_name: Optional[str] = None
+    lora_strength: float = 1.0
+    num_fragments: int = 1
+    target_video_length: int = 81
+    audio_path: str = ""
+    video_duration: int = 5
+    talk_objects: Optional[list[Any]] = None
+    target_fps: Optional[int] = 16
+    resize_mode: Optional[str] = "adaptive"
+
+
+class TaskResponse(BaseModel):
+    task_id: str
+    task_status: str
+    save_result_path: str
+
+
+# LightX2V fields we do not implement: refused unless left at LightX2V's default.
+LIGHTX2V_UNSUPPORTED = {
+    "use_prompt_enhancer": (False, "prompt enhancement is not available"),
+    "last_frame_path": ("", "first-last-frame video is not available"),
+    "lora_name": (None, "per-request LoRA is not available (set lora_configs in the server config)"),
+    "num_fragments": (1, "multi-fragment (long) video is not available"),
+    "audio_path": ("", "audio-driven video is not available"),
+    "video_duration": (5, "audio-driven video is not available"),
+    "talk_objects": (None, "audio-driven video is not available"),
+    "resize_mode": ("adaptive", "only the default resize (scale to cover, centre crop) is available"),
+}
+
+
+def parse_image_size(value: str) -> tuple[int, int]:
+    m = _SIZE.match(value)
+    if not m:
+        raise RequestError(422, f"image_size: expected 'W*H' such as '832*480', got {value!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def build_job(settings: ServiceSettings, prompt: str, seed: int, negative_prompt: str | None = None,
+              image: str | None = None, width: int | None = None, height: int | None = None,
+              num_frames: int | None = None, infer_steps: int | None = None, guide_scale: float | None = None,
+              names: dict[str, str] | None = None, save_result_path: str | None = None) -> dict[str, Any]:
+    """Check the values (the engine's own rules, then this server's limits) and return the job dict.
+    `names` maps config keys to the request's field names for the error messages."""
+    values = {"target_width": width, "target_height": height, "target_video_length": num_frames,
+              "infer_steps": infer_steps, "sample_guide_scale": guide_scale}
+    values = {k: v for k, v in values.items() if v is not None}
+    names = names or {}
+    problems = check_values(values, where="field", names=names)
+    limits = {"target_width": settings.max_side, "target_height": settings.max_side,
+              "target_video_length": settings.max_frames, "infer_steps": settings.max_infer_steps}
+    for key, limit in limits.items():
+        if key in values and values[key] > limit:
+            problems.append(f"field '{names.get(key, key)}': this server allows at most {limit} "
+                            f"(got {values[key]})")
+    if guide_scale is not None and not math.isfinite(guide_scale):
+        problems.append(f"field '{names.get('sample_guide_scale', 'guide_scale')}': must be finite")
+    if problems:
+        raise RequestError(422, "; ".join(problems))
+    overrides = {"width": width, "height": height, "num_frames": num_frames, "infer_steps": infer_steps,
+                 "guide_scale": guide_scale}
+    return {"prompt": prompt, "negative_prompt": negative_prompt, "image": image, "seed": int(seed),
+            "overrides": {k: v for k, v in overrides.items() if v is not None},
+            "save_result_path": save_result_path}
+
+
+def check_task_id(task_id: str) -> str:
+    if not SAFE_JOB_ID.match(task_id) or ".." in task_id:
+        raise RequestError(422, f"task_id: {task_id!r} is not allowed (letters, digits, '.', '_', '-'; at most 128)")
+    return task_id
+
+
+def check_save_result_path(value: str) -> str:
+    """A relative path under the outputs folder, '.mp4' added when there is no suffix."""
+    path = PurePosixPath(value.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or not path.parts or any(p.startswith("~") for p in path.parts):
+        raise RequestError(422, f"save_result_path: {value!r} must be a relative path inside the server's outputs "
+                              "folder (no '..', not absolute)")
+    parts = [p for p in path.parts if p != "."]
+    if not parts:
+        raise RequestError(422, f"save_result_path: {value!r} names no file")
+    path = PurePosixPath(*parts)
+    if not path.suffix:
+        path = path.with_suffix(".mp4")
+    if path.suffix.lower() != ".mp4":
+        raise RequestError(422, f"save_result_path: this server writes MP4 files; {value!r} has suffix {path.suffix}")
+    return str(path)
