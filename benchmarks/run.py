@@ -58,7 +58,7 @@ class Bench:
     def row(self, work: str, ours: float | None, theirs: float | None, peak_ours: float | None = None,
             peak_theirs: float | None = None, note: str = "") -> None:
         ratio = f"{theirs / ours:.2f}x" if ours and theirs else "-"
-        fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+        fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}g}"  # noqa: E731
         self.rows.append([work, fmt(ours), fmt(theirs), ratio, fmt(peak_ours, 1), fmt(peak_theirs, 1), note])
 
     # ---- timing helpers ----
