@@ -306,3 +306,276 @@ def test_unknown_config_key_is_named_in_a_warning(caplog):
         cfg = parse_config({"infer_stepz": 4}, source="c.json")
     assert cfg["infer_steps"] == 40  # the typo did not silently change anything
     assert any("'infer_stepz'" in r.getMessage() and "c.json" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------- prompts (needs model)
+def test_prompt_longer_than_text_len_is_truncated_with_a_warning(tiny_root, caplog):
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from pipeline.stages.text import encode_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_root / "t2v" / "tokenizer")
+    encoder = UMT5EncoderModel.from_pretrained(tiny_root / "t2v" / "text_encoder").eval()
+    prompt = "a red circle moving left on a blue background with a cat and a dog on the beach at sunset"
+    with caplog.at_level(logging.WARNING):
+        context, n = encode_text(tokenizer, encoder, prompt, text_len=8)
+    assert context.shape[1] == 8 and n == 8
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("more than text_len=8" in m and "truncated" in m and "a red circle" in m for m in msgs), msgs
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+W = "transformer/diffusion_pytorch_model.safetensors"
+KEY = "blocks.0.attn1.to_q.weight"
+
+
+def _copy_model(tiny_root: Path, dest: Path) -> Path:
+    shutil.copytree(tiny_root / "t2v", dest)
+    return dest
+
+
+def _edit_weights(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(path)
+    edit(sd)
+    save_file(sd, path)
+
+
+def _break_missing_shard(d: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(d / W)
+    (d / W).unlink()
+    keys = sorted(sd)
+    names = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    save_file({k: sd[k] for k in keys[: len(keys) // 2]}, d / "transformer" / names[0])
+    index = {"metadata": {}, "weight_map": {k: names[i >= len(keys) // 2] for i, k in enumerate(keys)}}
+    (d / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+# Defects found in the checkpoint loaders (pipeline/models, another helper's), reported to the lead; strict,
+# so a fix turns these into passes that must then be un-marked.
+_INT_WEIGHTS = pytest.mark.xfail(strict=True, reason="integer weights are cast to float silently")
+_META_KEY = pytest.mark.xfail(strict=True, reason="a key missing from a diffusers-layout expert gives diffusers' "
+                                                  "'Cannot copy out of meta tensor' without the key")
+_RAW_SAFETENSORS = pytest.mark.xfail(strict=True, reason="SafetensorError from a truncated file is not wrapped "
+                                                         "in a CheckpointError naming the file")
+
+# (id, how to break a copy of the tiny T2V model, component to load, extra config, words the error must contain)
+CHECKPOINTS = [
+    ("missing-shard", _break_missing_shard, "high", {},
+     ["diffusion_pytorch_model.safetensors.index.json", "missing", "00002-of-00002"]),
+    ("wrong-shape", lambda d: _edit_weights(d / W, lambda sd: sd.__setitem__(KEY, torch.zeros(5, 7))), "high", {},
+     [KEY, "[24, 24]", "[5, 7]"]),
+    pytest.param("wrong-dtype", lambda d: _edit_weights(d / W, lambda sd: sd.__setitem__(KEY, sd[KEY].to(torch.int32))),
+                 "high", {}, [KEY, "int32"], marks=_INT_WEIGHTS),
+    pytest.param("missing-key", lambda d: _edit_weights(d / W, lambda sd: sd.pop(KEY)), "high", {}, [KEY],
+                 marks=_META_KEY),
+    ("truncated-safetensors", lambda d: _truncate(d / W), "high", {}, ["diffusion_pytorch_model.safetensors"]),
+    pytest.param("truncated-t5", lambda d: _truncate(d / "text_encoder" / "model.safetensors"), "text", {},
+                 ["text_encoder", "model.safetensors"], marks=_RAW_SAFETENSORS),
+    ("no-model-index", lambda d: (d / "model_index.json").unlink(), "high", {}, ["model_index.json", "layout"]),
+    ("model-index-not-json", lambda d: (d / "model_index.json").write_text("{"), "high", {},
+     ["model_index.json", "cannot read"]),
+    ("no-vae-folder", lambda d: shutil.rmtree(d / "vae"), "vae", {}, ["'vae' folder"]),
+]
+
+
+def _case_id(case) -> str:
+    return case.values[0] if hasattr(case, "marks") else case[0]  # a pytest.param is a tuple too
+
+
+def _load_error(model: Path, component: str, extra: dict) -> str:
+    from pipeline.models.loader import fingerprint, load_component, resolve_model
+
+    cfg = parse_config({"model_path": str(model), **extra}, source="c.json", base_dir=model.parent)
+    with pytest.raises(CheckpointError) as exc:
+        ref = resolve_model(cfg, "t2v")
+        fingerprint(ref, component)  # what planning does
+        load_component(ref, component, torch.device("cpu"), torch.float32)  # what the stage does
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("case,brk,component,extra,words", CHECKPOINTS,
+                         ids=[_case_id(c) for c in CHECKPOINTS])
+def test_broken_checkpoint_names_the_file_or_key(tmp_path, tiny_root, case, brk, component, extra, words):
+    model = _copy_model(tiny_root, tmp_path / "model")
+    brk(model)
+    msg = _load_error(model, component, extra)
+    for w in words:
+        assert w in msg, msg
+
+
+def test_model_folder_not_found(tmp_path):
+    from pipeline.models.loader import resolve_model
+
+    cfg = parse_config({"model_path": "no/such/model"}, source="c.json", base_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"model folder not found: .*no/such/model.*model_path"):
+        resolve_model(cfg, "t2v")
+
+
+def _single_file(tiny_root: Path, tmp: Path, edit=None) -> Path:
+    """The high expert as one LightX2V-style safetensors file (Wan key names), optionally edited."""
+    from pipeline.models import standins
+
+    path = tmp / "high.safetensors"
+    standins.write_single_file(tiny_root / "t2v" / "transformer", path)
+    if edit:
+        _edit_weights(path, edit)
+    return path
+
+
+SQ = "blocks.0.self_attn.q.weight"  # Wan's name of KEY
+SINGLE_FILES = [
+    ("wrong-shape", lambda sd: sd.__setitem__(SQ, torch.zeros(5, 7)), ["high.safetensors", SQ, "(5, 7)", "(24, 24)"]),
+    ("missing-key", lambda sd: sd.pop(SQ), ["high.safetensors", "missing weight", KEY]),
+    pytest.param("wrong-dtype", lambda sd: sd.__setitem__(SQ, sd[SQ].to(torch.int32)), ["high.safetensors", "int32"],
+                 marks=_INT_WEIGHTS),
+    pytest.param("truncated", "truncate", ["high.safetensors"], marks=_RAW_SAFETENSORS),
+]
+
+
+@pytest.mark.parametrize("case,edit,words", SINGLE_FILES,
+                         ids=[_case_id(c) for c in SINGLE_FILES])
+def test_broken_single_file_expert_names_the_file_or_key(tmp_path, tiny_root, case, edit, words):
+    path = _single_file(tiny_root, tmp_path, None if edit == "truncate" else edit)
+    if edit == "truncate":
+        _truncate(path)
+    msg = _load_error(tiny_root / "t2v", "high", {"high_noise_original_ckpt": str(path)})
+    for w in words:
+        assert w in msg, msg
+
+
+def _gguf_pair(tiny_root: Path, tmp: Path) -> dict:
+    from pipeline.models import standins
+
+    for expert, sub in (("high", "transformer"), ("low", "transformer_2")):
+        standins.write_gguf_expert(tiny_root / "t2v" / sub, tmp / f"{expert}.gguf", "Q8_0")
+    return dict(dit_quantized=True, dit_quant_scheme="gguf-Q8_0", high_noise_quantized_ckpt=str(tmp / "high.gguf"),
+                low_noise_quantized_ckpt=str(tmp / "low.gguf"))
+
+
+def _set_gguf_type(path: Path, type_id: int) -> str:
+    """Rewrite the ggml type of the first quantized tensor in a GGUF file's tensor table; returns its name."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    name = next(t.name for t in reader.tensors if t.tensor_type.name == "Q8_0")
+    del reader
+    data = bytearray(path.read_bytes())
+    raw = name.encode()
+    pos = data.find(struct.pack("<Q", len(raw)) + raw) + 8 + len(raw)  # name: u64 length + bytes
+    n_dims = struct.unpack_from("<I", data, pos)[0]
+    struct.pack_into("<I", data, pos + 4 + 8 * n_dims, type_id)  # then n_dims u32, dims u64 each, type u32
+    path.write_bytes(bytes(data))
+    return name
+
+
+def test_gguf_with_an_unknown_quant_type_names_the_file(tmp_path, tiny_root):
+    extra = _gguf_pair(tiny_root, tmp_path)
+    _set_gguf_type(tmp_path / "high.gguf", 200)
+    msg = _load_error(tiny_root / "t2v", "high", extra)
+    assert "high.gguf" in msg and "200" in msg and "GGMLQuantizationType" in msg, msg
+
+
+def test_gguf_scheme_that_does_not_fit_the_file(tmp_path, tiny_root):
+    extra = _gguf_pair(tiny_root, tmp_path)
+    extra["high_noise_quantized_ckpt"] = str(_single_file(tiny_root, tmp_path))
+    msg = _load_error(tiny_root / "t2v", "high", extra)
+    assert "gguf-Q8_0" in msg and "high.safetensors" in msg and "not a .gguf file" in msg, msg
+
+
+def _lora_case(tiny_root: Path, tmp: Path, kind: str) -> tuple[Path, list[str]]:
+    from safetensors.torch import save_file
+
+    from pipeline.models import standins
+
+    path = tmp / f"{kind}.safetensors"
+    if kind == "missing":
+        return path, ["lora_configs[0]", "LoRA file not found", str(path)]
+    if kind == "foreign-keys":  # entries for layers this model does not have
+        save_file({"diffusion_model.blocks.99.self_attn.q.lora_down.weight": torch.zeros(4, 24),
+                   "diffusion_model.blocks.99.self_attn.q.lora_up.weight": torch.zeros(24, 4),
+                   "diffusion_model.head.extra.lora_down.weight": torch.zeros(4, 8),
+                   "diffusion_model.head.extra.lora_up.weight": torch.zeros(8, 4)}, path)
+        return path, [path.name, "high expert", "blocks.99.self_attn.q", "head.extra"]
+    if kind == "wrong-rank-shape":  # a LoRA for a model with wider layers
+        sd = standins.write_lora(tiny_root / "t2v" / "transformer", tmp / "base.safetensors", diffs=False)
+        save_file({k: torch.zeros(v.shape[0], 7) if k.endswith("lora_down.weight") else v for k, v in sd.items()}, path)
+        return path, [path.name, "does not fit the high expert", "blocks.0.attn2.to_k.weight"]
+    if kind == "not-a-lora":
+        save_file({"foo": torch.zeros(3)}, path)
+        return path, [path.name, "has no LoRA entries", "'foo'"]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "foreign-keys", "wrong-rank-shape", "not-a-lora"])
+def test_bad_lora_names_the_file_and_the_keys(tmp_path, tiny_root, kind):
+    path, words = _lora_case(tiny_root, tmp_path, kind)
+    msg = _load_error(tiny_root / "t2v", "high", {"lora_configs": [{"name": "high_noise_model", "path": str(path)}]})
+    for w in words:
+        assert w in msg, msg
+
+
+# ------------------------------------------------------------------ failing runs never destroy earlier work
+def _refused(run) -> bool:
+    """Luigi reports a manifest or config refused while scheduling as a failed build (or it raises)."""
+    try:
+        return not run()
+    except (ManifestError, ConfigError):
+        return True
+
+
+def _snapshot(*folders: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for f in folders for p in f.rglob("*")
+            if p.is_file() and not p.name.endswith(".lock")}
+
+
+def test_failing_runs_never_overwrite_or_delete_earlier_work(tmp_path, tiny_root):
+    """A good batch, then into the same output folder and store: a refused manifest, a refused config, a
+    broken checkpoint (every row fails at load), and a row whose image is bad under a job id that already has a
+    video. Every file the good run made is still there, byte for byte and untouched (mtime), except
+    results.parquet, which is each run's own report (and is not even touched by a refused run)."""
+    out, store = tmp_path / "outputs", tmp_path / "store"
+    small = dict(infer_steps=2, target_video_length=5, target_height=32, target_width=32, text_len=32)
+    config = write_config(tmp_path / "good.json", **small)
+    rows = [{"job_id": "a", "prompt": "a red circle", "seed": 1}, {"job_id": "b", "prompt": "a cat", "seed": 2}]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    assert run_batch(manifest, tmp_path, config=config)
+    before = _snapshot(out, store)
+    report = str(out / "results.parquet")
+
+    def unchanged(allow_report: bool) -> None:
+        after = _snapshot(out, store)
+        for path, state in before.items():
+            if allow_report and path == report:
+                continue
+            assert after.get(path) == state, f"{path} was changed or deleted"
+
+    refused = write_manifest(tmp_path / "refused.parquet", [{"job_id": "../a", "prompt": "x"}])
+    assert _refused(lambda: run_batch(refused, tmp_path, config=config))
+    unchanged(allow_report=False)
+
+    bad_config = tmp_path / "bad.json"
+    bad_config.write_text(json.dumps({"infer_steps": "two"}))
+    assert _refused(lambda: run_batch(manifest, tmp_path, config=bad_config))
+    unchanged(allow_report=False)
+
+    model = _copy_model(tiny_root, tmp_path / "broken-model")
+    _edit_weights(model / W, lambda sd: sd.__setitem__(KEY, torch.zeros(5, 7)))
+    broken = write_config(tmp_path / "broken.json", model_path=str(model), **small)
+    assert not run_batch(manifest, tmp_path, config=broken)
+    results = read_results(out)
+    assert all(r["status"] == "failed" and KEY in r["error"] for r in results.values()), results
+    unchanged(allow_report=True)
+
+    bad_image = write_manifest(tmp_path / "img.parquet", [{"job_id": "a", "prompt": "a dog",
+                                                            "image": str(tmp_path / "missing.png")}])
+    assert not run_batch(bad_image, tmp_path, config=config)
+    assert "missing.png" in read_results(out)["a"]["error"]
+    unchanged(allow_report=True)
