@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .parallel.layout import problems as parallel_problems
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
         if "enable_cfg" not in raw:
             values["enable_cfg"] = False
     problems += check_values(values)
+    problems += parallel_problems(values.get("parallel"), bool(values.get("enable_cfg")))
     if values.get("task") not in ("t2v", "i2v"):
         problems.append(f"config key 'task': must be t2v or i2v (got {values.get('task')!r})")
     if values.get("model_format") not in ("auto", "diffusers", "wan"):

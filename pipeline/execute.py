@@ -110,6 +110,12 @@ def run_image(spec: StageSpec, store: ArtifactStore, run_id: str) -> dict[str, A
 
 def run_denoise(spec: StageSpec, store: ArtifactStore, run_id: str,
                 on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    from .parallel.layout import ParallelLayout
+
+    if ParallelLayout.from_runtime(spec.runtime).enabled:  # config `parallel`: torchrun ranks compute it
+        from .parallel.launch import run_denoise_parallel
+
+        return run_denoise_parallel(spec, store, run_id, faults.wrap_step(spec.stage, on_step))
     t0 = time.perf_counter()
     p, device = spec.params, _device(spec)
     sched = make_scheduler(p["schedule"])
