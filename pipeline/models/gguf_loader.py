@@ -79,22 +79,30 @@ class GGUFTensors:
         return dequantize_raw(self.raw(key), self.qtype(key), self.shape(key))
 
 
+def torch_dequantize(raw: torch.Tensor, qtype, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """diffusers' torch GGUF kernels (run where `raw` is, e.g. on the GPU); None for a type they lack."""
+    gguf = _gguf()
+    if qtype.name in ("F32", "F16"):
+        return raw.to(torch.float32).reshape(shape)
+    from diffusers.quantizers.gguf.utils import dequantize_functions
+
+    fn = dequantize_functions.get(qtype)
+    if fn is None:
+        return None
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = raw.view(torch.uint8).reshape(-1, type_size)
+    return fn(blocks, block_size, type_size, dtype=torch.float32).to(torch.float32).reshape(shape)
+
+
 def dequantize_raw(raw: torch.Tensor, qtype, shape: tuple[int, ...]) -> torch.Tensor:
     """float32 tensor of `shape` from stored GGUF data."""
     gguf = _gguf()
+    raw_cpu = raw
     if raw.is_cuda:
-        from diffusers.quantizers.gguf.utils import dequantize_functions
-
-        fn = dequantize_functions.get(qtype)
-        if fn is not None:
-            block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            blocks = raw.view(torch.uint8).reshape(-1, type_size)
-            return fn(blocks, block_size, type_size).to(torch.float32).reshape(shape)
-        if qtype.name in ("F32", "F16"):
-            return raw.to(torch.float32).reshape(shape)
+        out = torch_dequantize(raw, qtype, shape)
+        if out is not None:
+            return out
         raw_cpu = raw.cpu()
-    else:
-        raw_cpu = raw
     try:
         out = gguf.quants.dequantize(raw_cpu.numpy(), qtype)
     except NotImplementedError:

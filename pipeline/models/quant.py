@@ -34,7 +34,8 @@ def weight_key_of_scale(key: str) -> str | None:
 
 
 def is_ignored_key(key: str) -> bool:
-    return key in IGNORED_KEYS or key.endswith(IGNORED_SUFFIXES)
+    """ComfyUI writes its marker under the checkpoint's prefix too (`model.diffusion_model.scaled_fp8`)."""
+    return key.rpartition("diffusion_model.")[2] in IGNORED_KEYS or key.endswith(IGNORED_SUFFIXES)
 
 
 def scheme_of(dtype: torch.dtype) -> str:
