@@ -290,14 +290,17 @@ def _num(v: Any) -> str:
 
 
 def format_chain(infos: list[StageInfo], latest: str | None, header: str) -> str:
-    lines = [header, f"latest run: {latest or '-'}  (cache 'hit' = this artifact was reused from an earlier run)",
-             ""]
+    def run_name(run_id: str | None, written: bool) -> str:
+        return run_id if run_id else ("(direct)" if written else "-")  # "": a stage task run without a run id
+
+    lines = [header, f"latest run: {run_name(latest, latest is not None)}  (cache 'hit' = this artifact was "
+                     "reused from an earlier run)", ""]
     lines.append(f"{'stage':<15}{'key':<14}{'status':<9}{'cache':<7}{'wall_s':>8}  {'model':<17}{'run':<14}device")
     for info in infos:
         side = info.sidecar or {}
         wall = f"{info.wall_s:.2f}" if info.wall_s is not None else "-"
         lines.append(f"{info.name:<15}{info.ref.key[:12]:<14}{info.status:<9}{info.cache or '-':<7}{wall:>8}  "
-                     f"{info.model_fingerprint or '-':<17}{info.run_id or '-':<14}{side.get('device', '-')}")
+                     f"{info.model_fingerprint or '-':<17}{run_name(info.run_id, bool(side)):<14}{side.get('device', '-')}")
         if info.detail:
             lines.append(f"    ! {info.detail}")
         for name, s in info.tensors.items():
