@@ -62,6 +62,9 @@ from pipeline import faults
 from pipeline.commands.run import run_batch
 from pipeline.models.tiny import ensure_tiny_models
 ensure_tiny_models()
+# Warm a pure-Python cache transformers builds on every first model load (~1 s of regexes): not a torch op.
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+get_checkpoint_conversion_mapping("umt5")
 proto.write("ready\n"); proto.flush()
 for line in sys.stdin:
     job = json.loads(line)
