@@ -122,11 +122,12 @@ class BatchSpec:
     store: str = "wan-store"
     strict: bool = False
     run_id: str = ""
+    module: str = "pipeline"  # the module Luigi imports for the tasks (benchmarks patch model loading in theirs)
     extra: list[str] = field(default_factory=list)
 
 
 def worker_command(batch: BatchSpec, scheduler: Scheduler, gpu_per_task: int) -> list[str]:
-    cmd = [sys.executable, "-m", "luigi", "--module", "pipeline", "RunManifest", "--manifest", batch.manifest,
+    cmd = [sys.executable, "-m", "luigi", "--module", batch.module, "RunManifest", "--manifest", batch.manifest,
            "--output-dir", batch.output_dir, "--store", batch.store, "--run-id", batch.run_id,
            "--scheduler-host", scheduler.host, "--scheduler-port", str(scheduler.port), "--workers", "1",
            "--worker-keep-alive", "--no-lock", "--wan-batch-gpu-per-task", str(gpu_per_task)]
