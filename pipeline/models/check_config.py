@@ -19,6 +19,14 @@ COMPONENT_NAMES = {"text": "T5 text encoder", "vae": "VAE", "high": "high-noise 
                    "single": "DiT", "clip": "CLIP image encoder"}
 
 
+def show(path: str | Path) -> str:
+    """A path relative to the working directory when it is below it (shorter reports), else as is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 @dataclass
 class Report:
     source: str
@@ -110,7 +118,7 @@ def _check_model(config: GenerationConfig, key: str, report: Report) -> None:
             continue
         task, family, experts, boundary, image_encoder = facts
         layout = "diffusers layout" if fmt == "diffusers" else "Wan's original layout"
-        report.lines.append(f"{key}: {folder} ({layout}, {family} {task}, experts {', '.join(experts)}"
+        report.lines.append(f"{key}: {show(folder)} ({layout}, {family} {task}, experts {', '.join(experts)}"
                             + (f", boundary {config.get('boundary') or boundary}" if len(experts) == 2 else "") + ")")
         scheme = _attempt(report, lambda: ld.quant_scheme(config))
         from .lora import parse_lora_configs
@@ -165,17 +173,18 @@ def _check_expert(config, folder: Path, fmt: str, task: str, family: str, expert
     enc = ", ".join(f"{n} {k}" for k, n in sorted(weights.encodings().items()))
     loader_name = "GGUF" if weights.is_gguf else (f"scaled {found}" if found else "safetensors")
     arch = f"{cfg['num_layers']} layers, dim {cfg['num_attention_heads'] * cfg['attention_head_dim']}"
-    report.lines.append(f"  {expert:<6} {src['weights']} [{loader_name}: {enc}] ({arch}, config {src['config']})")
+    report.lines.append(f"  {expert:<6} {show(src['weights'])} [{loader_name}: {enc}] ({arch}, "
+                        f"config {show(src['config'])})")
     weights.close()
     logical = _logical_shapes(model, expected)
     for spec in loras:
         if spec.strength == 0:
-            report.lines.append(f"         LoRA {spec.path} strength 0: not applied")
+            report.lines.append(f"         LoRA {show(spec.path)} strength 0: not applied")
             continue
         n = _attempt(report, lambda: check_lora(Path(spec.path), logical, expert), f"{name}: ")
         if n is not None:
             how = "side branch" if found else "merged"
-            report.lines.append(f"         LoRA {spec.path} strength {spec.strength}: {n} entries match ({how})")
+            report.lines.append(f"         LoRA {show(spec.path)} strength {spec.strength}: {n} entries match ({how})")
 
 
 def _check_component(folder: Path, fmt: str, comp: str) -> str:
