@@ -1,5 +1,5 @@
 """Multi-process runs on CPU (gloo): sequence-parallel (Ulysses) and CFG-parallel Denoise equal the single
-process, through the staged pipeline too; data-parallel `wan-batch workers` (two Luigi workers on one luigid)
+process, through the staged pipeline too (a torchrun rank group started by the Denoise task); data-parallel `wan-batch workers` (two Luigi workers on one luigid)
 computes each artifact once and gives the same videos as one worker.
 
 Tolerance: the parallel outputs are compared with the single-process ones at 1e-6 of the output's largest
@@ -130,8 +130,15 @@ def single_run(tmp_path_factory, tiny_root):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [{"seq_p_size": 2}, {"cfg_p_size": 2}], ids=["seq2", "cfg2"])
 def test_torchrun_denoise_gives_the_same_video(single_run, tmp_path, layout):
+    from pipeline.parallel import launch
+    from pipeline.parallel.layout import ParallelLayout
+
     manifest, ref = single_run
     assert run_batch(manifest, tmp_path, config=write_config(tmp_path / "c.json", parallel=layout))
+    # one rank group (one torchrun) served both experts' tasks and is kept for the next ones
+    group = launch._GROUP
+    assert group is not None and group.alive() and group.layout == ParallelLayout.from_value(layout)
+    assert group.tasks == 2
     for stage in ("denoise-high", "denoise-low"):
         (side,) = _sidecars(tmp_path / "store", stage)
         assert json.loads(side.read_text())["parallel"]["layout"] == {"seq_p_size": 1, "cfg_p_size": 1, **layout}
