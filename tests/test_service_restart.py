@@ -29,8 +29,8 @@ def alive(pid: int) -> bool:
 
 def test_kill_9_while_running_and_queued_then_restart(tmp_path, tiny_root):
     args = ("--batch-max", "2", "--max-queue", "50")
-    jobs = [{"prompt": f"restart test prompt {i % 2}", "seed": 100 + i, "image_size": "64*64", "num_frames": 9,
-             "infer_steps": 4} for i in range(5)]
+    jobs = [{"prompt": f"restart test prompt {i % 2}", "seed": 100 + i, "image_size": "64*64", "num_frames": 5,
+             "infer_steps": 3} for i in range(5)]
     srv = Server(tmp_path / "svc", tmp_path / "store", *args).start()
     try:
         ids = [srv.submit(**job) for job in jobs]
@@ -72,13 +72,13 @@ def test_kill_9_while_running_and_queued_then_restart(tmp_path, tiny_root):
         srv.stop()
 
     # the same jobs, uninterrupted, in a fresh store: byte-identical videos
-    rows = [{"job_id": t, "prompt": j["prompt"], "seed": j["seed"], "height": 64, "width": 64, "num_frames": 9,
-             "infer_steps": 4} for t, j in zip(ids, jobs)]
+    rows = [{"job_id": t, "prompt": j["prompt"], "seed": j["seed"], "height": 64, "width": 64, "num_frames": 5,
+             "infer_steps": 3} for t, j in zip(ids, jobs)]
     ref = tmp_path / "reference"
     assert run_batch(write_manifest(ref / "m.parquet", rows), ref)
     for t, result in read_results(ref / "outputs").items():
         assert Path(result["video"]).read_bytes() == videos[t], t
-    assert decode_mp4(srv.service_dir / "videos" / f"{ids[0]}.mp4") == (9, (64, 64))
+    assert decode_mp4(srv.service_dir / "videos" / f"{ids[0]}.mp4") == (5, (64, 64))
 
 
 def test_task_timeout_fails_the_task_and_a_fresh_worker_takes_over(tmp_path, tiny_root):
