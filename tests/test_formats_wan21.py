@@ -70,6 +70,7 @@ def test_clip_key_map_covers_the_full_size_vit_h():
     assert f"{pre}encoder.layers.31.self_attn.q_proj.weight" in dict(model.named_parameters())
 
 
+@pytest.mark.slow
 def test_staged_wan21_i2v_matches_diffusers_pipeline(tmp_path, wan21, first_frame):
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
 

@@ -19,9 +19,9 @@ from pipeline.models.dit import DitWeights, build_dit
 from pipeline.models.quant import ScaledLinear
 
 FP8 = torch.float8_e4m3fn
-# Staged-run tolerance of a quantized DiT against its float weights, relative to the latents' largest value
-# (measured on the tiny model: fp8 ~1e-2, int8 ~3e-3 of the scale; the bound leaves room, not orders of magnitude).
-RUN_TOL = {"fp8": 0.05, "int8": 0.02}
+# Staged-run tolerance of a quantized DiT against its float weights: max |latent difference| over the latents'
+# largest value. Measured on the tiny model (4-step and 40-step CFG runs alike): fp8 2.7e-3, int8 4e-4.
+RUN_TOL = {"fp8": 0.02, "int8": 0.005}
 
 
 def _config(folder) -> dict:
