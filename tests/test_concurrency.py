@@ -65,11 +65,12 @@ def _luigi(manifest: Path, config: Path, out: Path, store: Path, log: Path) -> s
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def _waiters_on(lock_file: Path) -> int:
-    """Processes blocked in flock() on this file (/proc/locks lists them with '->')."""
-    inode = lock_file.stat().st_ino
-    return sum(1 for line in Path("/proc/locks").read_text().splitlines()
-               if "->" in line and line.split()[-3].endswith(f":{inode}"))
+def _waiters_on_my_lock() -> int:
+    """Processes blocked in flock() on the lock this process holds. /proc/locks lists each lock as
+    `N: FLOCK ADVISORY WRITE <pid> <dev:inode> 0 EOF`, the ones waiting for it with `->` in front."""
+    lines = [line.split() for line in Path("/proc/locks").read_text().splitlines()]
+    mine = {t[-3] for t in lines if "->" not in t and t[-4] == str(os.getpid())}
+    return sum(1 for t in lines if "->" in t and t[-3] in mine)
 
 
 def test_two_runs_on_overlapping_manifests_share_one_store(tmp_path, tiny_root):
@@ -94,13 +95,12 @@ def test_two_runs_on_overlapping_manifests_share_one_store(tmp_path, tiny_root):
     plans = plan_jobs(read_manifest(man_a, cfg), cfg)
     contested: ArtifactRef = plans[0].stages()["text-negative"].ref
     store = ArtifactStore(store_dir)
-    lock_file = store.folder(contested.stage, contested.key) / f"{contested.key}.lock"
 
     with store.lock(contested):
         procs = {"a": _luigi(man_a, config, tmp_path / "out_a", store_dir, tmp_path / "a.log"),
                  "b": _luigi(man_b, config, tmp_path / "out_b", store_dir, tmp_path / "b.log")}
         deadline = time.monotonic() + 300
-        while _waiters_on(lock_file) < 2:
+        while _waiters_on_my_lock() < 2:
             assert time.monotonic() < deadline, "the two runs never both waited for the contested artifact"
             assert all(p.poll() is None for p in procs.values()), "a run ended while the lock was held"
             time.sleep(0.1)
