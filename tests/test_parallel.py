@@ -21,7 +21,8 @@ import torch
 from conftest import REPO, read_results, run_batch, write_config, write_manifest
 
 PROMPT = "a red circle moving left on a blue background"
-SMALL = {"num_frames": 5, "infer_steps": 2}
+SMALL = {"num_frames": 5, "infer_steps": 2, "height": 32, "width": 32}  # 8 DiT tokens
+TEXT = {"text_len": 32}
 
 
 def _env() -> dict[str, str]:
@@ -123,7 +124,7 @@ def _latents(store: Path, stage: str) -> torch.Tensor:
 def single_run(tmp_path_factory, tiny_root):
     tmp = tmp_path_factory.mktemp("single")
     manifest = write_manifest(tmp / "m.parquet", [{"job_id": "v", "prompt": PROMPT, "seed": 5, **SMALL}])
-    assert run_batch(manifest, tmp, config=write_config(tmp / "c.json"))
+    assert run_batch(manifest, tmp, config=write_config(tmp / "c.json", **TEXT))
     return manifest, tmp
 
 
@@ -134,7 +135,7 @@ def test_torchrun_denoise_gives_the_same_video(single_run, tmp_path, layout):
     from pipeline.parallel.layout import ParallelLayout
 
     manifest, ref = single_run
-    assert run_batch(manifest, tmp_path, config=write_config(tmp_path / "c.json", parallel=layout))
+    assert run_batch(manifest, tmp_path, config=write_config(tmp_path / "c.json", parallel=layout, **TEXT))
     # one rank group (one torchrun) served both experts' tasks and is kept for the next ones
     group = launch._GROUP
     assert group is not None and group.alive() and group.layout == ParallelLayout.from_value(layout)
@@ -154,7 +155,8 @@ def test_a_failing_rank_fails_the_row_with_its_reason(tmp_path, tiny_root):
     manifest = write_manifest(tmp_path / "m.parquet", [{"job_id": "odd", "prompt": PROMPT, "seed": 1,
                                                         "num_frames": 1, "height": 48, "width": 48,
                                                         "infer_steps": 2}])
-    assert not run_batch(manifest, tmp_path, config=write_config(tmp_path / "c.json", parallel={"seq_p_size": 2}))
+    config = write_config(tmp_path / "c.json", parallel={"seq_p_size": 2}, **TEXT)
+    assert not run_batch(manifest, tmp_path, config=config)
     row = read_results(tmp_path / "outputs")["odd"]
     assert row["status"] == "failed"
     assert "seq_p_size=2 must divide the video's 9 DiT tokens" in row["error"]
@@ -171,11 +173,12 @@ RUNNING = re.compile(r"running\s+(\w+)\((?:key=([0-9a-f]+))?")
 @pytest.mark.slow
 def test_two_cpu_workers_on_luigid(tmp_path, tiny_root):
     manifest = write_manifest(tmp_path / "m.parquet", ROWS)
+    config = write_config(tmp_path / "c.json", **TEXT)
     ref = tmp_path / "one"
-    assert run_batch(manifest, ref)
+    assert run_batch(manifest, ref, config=config)
     two = tmp_path / "two"
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "workers", "--manifest", str(manifest),
-                           "--gpus", "cpu,cpu", "--output-dir", str(two / "outputs"), "--store", str(two / "store")],
+                           "--config", str(config), "--gpus", "cpu,cpu", "--output-dir", str(two / "outputs"), "--store", str(two / "store")],
                           env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "6 of 6 rows ok" in proc.stdout

@@ -1,8 +1,8 @@
 """Model parallelism for one video: the Denoise stage on several GPUs (config key `parallel`).
 
 layout.py      the `parallel` config value: seq_p_size x cfg_p_size ranks, validation
-launch.py      the Denoise task's side: spawn torchrun, relay progress, report a rank's error
-run_denoise.py one rank: load the expert, run the loop, rank 0 writes the artifact
+launch.py      the Denoise task's side: a torchrun rank group kept per worker, fed specs, progress relayed
+run_denoise.py the ranks: load the expert (kept resident), run the loop, rank 0 writes the artifact
 group.py       process group and the (cfg, ring, ulysses) device mesh
 ulysses.py     sequence parallelism of the DiT (diffusers' context-parallel hooks; why: see there)
 denoise.py     the loop with CFG parallel (cond / uncond on two rank groups)
