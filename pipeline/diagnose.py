@@ -95,7 +95,7 @@ def _check_ffmpeg() -> Line:
         version = subprocess.run([exe, "-version"], capture_output=True, text=True, timeout=60).stdout
     except Exception as e:  # no binary at all, or one that cannot run here
         return Line("fail", f"ffmpeg: not usable ({e}); install ffmpeg or imageio-ffmpeg")
-    first = version.splitlines()[0] if version else "unknown version"
+    first = version.splitlines()[0].split(" Copyright")[0] if version else "unknown version"
     if "libx264" not in out.stdout:
         return Line("fail", f"ffmpeg {exe} ({first}) has no libx264 encoder (needed for H.264 MP4s)")
     return Line("ok", f"ffmpeg {exe} ({first}), libx264 available")
