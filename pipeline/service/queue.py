@@ -5,8 +5,9 @@ A submission is committed (synchronous=FULL) before the server replies. Claiming
 to `running` under a fresh run id; finishing updates only rows still `running` under that run id, so a task
 finishes exactly once even if a stale worker or a timed-out run reports late. A worker that starts finds the
 tasks a dead worker left `running` and puts them back in the queue (the artifact store makes the re-run cheap
-and byte-identical); a task whose worker died `max_attempts` times fails instead, so one poisonous job cannot
-crash the worker forever. Every transition is appended to `events`.
+and byte-identical); such a task is then claimed alone, and one whose worker died `max_attempts` times fails,
+so one poisonous job can neither crash the worker forever nor take its group down. Every transition is
+appended to `events`.
 """
 from __future__ import annotations
 
@@ -185,12 +186,17 @@ class TaskQueue:
 
     # -- worker side -------------------------------------------------------------------------------------
     def claim(self, limit: int, worker_pid: int) -> tuple[str | None, list[TaskRow]]:
-        """Move up to `limit` queued tasks (oldest first) to running under a new run id."""
+        """Move up to `limit` queued tasks (oldest first) to running under a new run id. A task that was
+        running when a worker died runs alone, so a job that kills the worker cannot fail its neighbours."""
         with self._tx() as c:
-            ids = [r[0] for r in c.execute("SELECT id FROM tasks WHERE state = 'queued' ORDER BY seq LIMIT ?",
-                                           (limit,))]
-            if not ids:
+            first = c.execute("SELECT id, attempt FROM tasks WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            if first is None:
                 return None, []
+            if first["attempt"] > 0:
+                ids = [first["id"]]
+            else:
+                ids = [r[0] for r in c.execute("SELECT id FROM tasks WHERE state = 'queued' AND attempt = 0 "
+                                               "ORDER BY seq LIMIT ?", (limit,))]
             run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
             now = time.time()
             for task_id in ids:
