@@ -109,4 +109,4 @@ def test_wan21_distilled_fp8_single_file_runs_within_tolerance(tmp_path, wan21, 
     q = staged_run(tmp_path / "q", {**DISTILL_RUN, "model_path": str(wan), "dit_quantized": True,
                                      "dit_quant_scheme": "fp8-sgl", "dit_quantized_ckpt": str(fp8)}, first_frame)
     scale = float(base["latents"].abs().max())
-    assert 0 < max_diff(q["latents"], base["latents"]) < 0.05 * scale
+    assert 0 < max_diff(q["latents"], base["latents"]) < 0.02 * scale  # as in test_quant.RUN_TOL["fp8"]

@@ -65,16 +65,20 @@ class QuantizedLinear(torch.nn.Module):
         self.lora_scales: list[float] = []
         self.dense_scales: list[float] = []
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
     def add_lora(self, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
         n = len(self.lora_scales)
-        self.register_buffer(f"lora_down_{n}", down.contiguous())
-        self.register_buffer(f"lora_up_{n}", up.contiguous())
+        self.register_buffer(f"lora_down_{n}", down.contiguous().to(self.device))
+        self.register_buffer(f"lora_up_{n}", up.contiguous().to(self.device))
         self.lora_scales.append(float(scale))
 
     def add_dense_delta(self, delta: torch.Tensor, scale: float) -> None:
         """A full weight difference (a LoRA file's `.diff` entry) kept beside the quantized weight."""
         n = len(self.dense_scales)
-        self.register_buffer(f"dense_delta_{n}", delta.contiguous())
+        self.register_buffer(f"dense_delta_{n}", delta.contiguous().to(self.device))
         self.dense_scales.append(float(scale))
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
