@@ -1,6 +1,7 @@
 """Multi-process runs on CPU (gloo): sequence-parallel (Ulysses) and CFG-parallel Denoise equal the single
-process, through the staged pipeline too (a torchrun rank group started by the Denoise task); data-parallel `wan-batch workers` (two Luigi workers on one luigid)
-computes each artifact once and gives the same videos as one worker.
+process, through the staged pipeline too (a torchrun rank group started by the Denoise task); data-parallel
+`wan-batch workers` (two Luigi workers on one luigid) computes each artifact once and gives the same videos
+as one worker.
 
 Tolerance: the parallel outputs are compared with the single-process ones at 1e-6 of the output's largest
 magnitude (DiT) and 1e-5 absolute (latents after a whole expert); on CPU they have been bit-identical (max abs
@@ -178,7 +179,8 @@ def test_two_cpu_workers_on_luigid(tmp_path, tiny_root):
     assert run_batch(manifest, ref, config=config)
     two = tmp_path / "two"
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "workers", "--manifest", str(manifest),
-                           "--config", str(config), "--gpus", "cpu,cpu", "--output-dir", str(two / "outputs"), "--store", str(two / "store")],
+                           "--config", str(config), "--gpus", "cpu,cpu", "--output-dir", str(two / "outputs"),
+                           "--store", str(two / "store")],
                           env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "6 of 6 rows ok" in proc.stdout
