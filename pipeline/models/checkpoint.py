@@ -67,9 +67,11 @@ class TensorFiles:
                 header = json.loads(fh.read(n))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from None
+        end = 0
         for key, info in header.items():
             if key == "__metadata__":
                 continue
+            end = max(end, int(info.get("data_offsets", [0, 0])[1]))
             if key in self._where:
                 raise CheckpointError(f"tensor '{key}' is in both {self._where[key].name} and {f.name}")
             dtype = _ST_DTYPES.get(info.get("dtype"))
@@ -77,6 +79,9 @@ class TensorFiles:
                 raise CheckpointError(f"{f}: tensor '{key}' has dtype {info.get('dtype')} that torch cannot hold")
             self._where[key] = f
             self._meta[key] = (tuple(info["shape"]), dtype)
+        size = f.stat().st_size
+        if 8 + n + end > size:
+            raise CheckpointError(f"{f} is truncated ({size} bytes, its header describes {8 + n + end})")
 
     @classmethod
     def open(cls, path: Path) -> "TensorFiles":

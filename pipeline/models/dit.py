@@ -75,6 +75,8 @@ class DitWeights:
             elif self.files.dtype(k) in (torch.float8_e4m3fn, torch.int8):
                 raise CheckpointError(f"{self.path}: '{k}' is {self.files.dtype(k)} without a weight_scale / "
                                       f"scale_weight next to it")
+            elif not self.files.dtype(k).is_floating_point:
+                raise CheckpointError(f"{self.path}: '{k}' is {self.files.dtype(k)}; DiT weights are floating point")
             else:
                 enc = "plain"
             entries[target] = Entry(k, tuple(self.files.shape(k)), enc, scales.get(k))

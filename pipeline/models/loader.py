@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..config import BUILTIN_TINY, GenerationConfig
 from ..errors import CheckpointError
@@ -319,6 +320,14 @@ def load_dit(ref: ModelRef, expert: str, dtype: torch.dtype):
     if _plain_diffusers(ref, expert):
         from diffusers import WanTransformer3DModel
 
+        from .dit import empty_model, expected_shapes
+
+        # headers first: a missing key, a wrong shape or dtype is named here, not deep inside from_pretrained
+        weights = DitWeights(ref.dits[expert]["weights"])
+        problems = weights.check(expected_shapes(empty_model(dit_config(ref, expert))))
+        weights.close()
+        if problems:
+            raise CheckpointError(f"{weights.path} does not fit its config: " + " | ".join(problems))
         model = WanTransformer3DModel.from_pretrained(ref.dits[expert]["weights"], torch_dtype=dtype)
     else:
         weights = DitWeights(ref.dits[expert]["weights"])
@@ -328,6 +337,13 @@ def load_dit(ref: ModelRef, expert: str, dtype: torch.dtype):
         model = build_dit(dit_config(ref, expert), weights, dtype)
     apply_loras(model, [LoraSpec(**s) for s in ref.loras.get(expert, [])], expert)
     return model
+
+
+def _check_headers(folder: Path) -> None:
+    """Read a diffusers component's safetensors headers: a truncated or damaged file is named before loading."""
+    from .checkpoint import TensorFiles
+
+    TensorFiles.open(folder).close()
 
 
 def _own_aligned_memory(module: torch.nn.Module) -> torch.nn.Module:
@@ -364,6 +380,7 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
             else:
                 from transformers import AutoTokenizer, UMT5EncoderModel
 
+                _check_headers(folder / "text_encoder")
                 tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
                 encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
             return tokenizer, _own_aligned_memory(encoder.to(device).eval())
@@ -373,6 +390,7 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
                 return _own_aligned_memory(wl.load_vae(folder).to(device))
             from diffusers import AutoencoderKLWan
 
+            _check_headers(folder / "vae")
             vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32)
             return _own_aligned_memory(vae.to(device).eval())
         if component == "clip":
@@ -382,6 +400,7 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
             else:
                 from transformers import CLIPImageProcessor, CLIPVisionModel
 
+                _check_headers(folder / "image_encoder")
                 processor = CLIPImageProcessor.from_pretrained(folder / "image_processor")
                 encoder = CLIPVisionModel.from_pretrained(folder / "image_encoder", torch_dtype=torch.float32)
             return processor, _own_aligned_memory(encoder.to(device).eval())
@@ -391,7 +410,7 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
             return _own_aligned_memory(load_dit(ref, component, dtype).to(device).eval())
     except CheckpointError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise CheckpointError(f"cannot load the {component} model from {folder}: {e}") from e
     raise ValueError(f"unknown component {component!r}")
 
