@@ -9,6 +9,10 @@ from .luigi_setup import configure_luigi
 
 configure_luigi()
 
-from tasks import DecodeVideo, Denoise, EncodeImage, EncodeText, RunManifest  # noqa: E402
+# Submodules, not `from tasks import ...`: `luigi --module tasks` imports tasks/__init__ first, which imports
+# this package while `tasks` is still half-initialised.
+from tasks.run_manifest import RunManifest  # noqa: E402
+from tasks.run_stage import RunStage  # noqa: E402
+from tasks.stages import DecodeVideo, Denoise, EncodeImage, EncodeText  # noqa: E402
 
-__all__ = ["RunManifest", "EncodeText", "EncodeImage", "Denoise", "DecodeVideo", "__version__"]
+__all__ = ["RunManifest", "RunStage", "EncodeText", "EncodeImage", "Denoise", "DecodeVideo", "__version__"]
