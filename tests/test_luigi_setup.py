@@ -42,3 +42,10 @@ def test_import_sets_local_scheduler_and_retcodes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "LUIGI_CONFIG_PATH": os.devnull})
     assert out.stdout.split() == ["True", "30"], out.stderr
+
+
+def test_module_tasks_works_as_well_as_module_pipeline():
+    for module in ("tasks", "pipeline"):
+        code = f"import {module}, luigi.task_register as r; print(r.Register.get_task_cls('RunManifest').__module__)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+        assert out.stdout.strip() == "tasks.run_manifest", out.stderr
