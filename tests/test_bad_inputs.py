@@ -358,27 +358,18 @@ def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
 
-# Defects found in the checkpoint loaders (pipeline/models, another helper's), reported to the lead; strict,
-# so a fix turns these into passes that must then be un-marked.
-_INT_WEIGHTS = pytest.mark.xfail(strict=True, reason="integer weights are cast to float silently")
-_META_KEY = pytest.mark.xfail(strict=True, reason="a key missing from a diffusers-layout expert gives diffusers' "
-                                                  "'Cannot copy out of meta tensor' without the key")
-_RAW_SAFETENSORS = pytest.mark.xfail(strict=True, reason="SafetensorError from a truncated file is not wrapped "
-                                                         "in a CheckpointError naming the file")
-
 # (id, how to break a copy of the tiny T2V model, component to load, extra config, words the error must contain)
 CHECKPOINTS = [
     ("missing-shard", _break_missing_shard, "high", {},
      ["diffusion_pytorch_model.safetensors.index.json", "missing", "00002-of-00002"]),
     ("wrong-shape", lambda d: _edit_weights(d / W, lambda sd: sd.__setitem__(KEY, torch.zeros(5, 7))), "high", {},
-     [KEY, "{list}", "[5, 7]"]),
-    pytest.param("wrong-dtype", lambda d: _edit_weights(d / W, lambda sd: sd.__setitem__(KEY, sd[KEY].to(torch.int32))),
-                 "high", {}, [KEY, "int32"], marks=_INT_WEIGHTS),
-    pytest.param("missing-key", lambda d: _edit_weights(d / W, lambda sd: sd.pop(KEY)), "high", {}, [KEY],
-                 marks=_META_KEY),
+     ["model/transformer", KEY, "{tuple}", "(5, 7)"]),
+    ("wrong-dtype", lambda d: _edit_weights(d / W, lambda sd: sd.__setitem__(KEY, sd[KEY].to(torch.int32))),
+     "high", {}, [KEY, "int32"]),
+    ("missing-key", lambda d: _edit_weights(d / W, lambda sd: sd.pop(KEY)), "high", {}, [KEY]),
     ("truncated-safetensors", lambda d: _truncate(d / W), "high", {}, ["diffusion_pytorch_model.safetensors"]),
-    pytest.param("truncated-t5", lambda d: _truncate(d / "text_encoder" / "model.safetensors"), "text", {},
-                 ["text_encoder", "model.safetensors"], marks=_RAW_SAFETENSORS),
+    ("truncated-t5", lambda d: _truncate(d / "text_encoder" / "model.safetensors"), "text", {},
+     ["text_encoder", "model.safetensors"]),
     ("no-model-index", lambda d: (d / "model_index.json").unlink(), "high", {}, ["model_index.json", "layout"]),
     ("model-index-not-json", lambda d: (d / "model_index.json").write_text("{"), "high", {},
      ["model_index.json", "cannot read"]),
@@ -387,16 +378,12 @@ CHECKPOINTS = [
 
 
 def _real_shape(tiny_root: Path, word: str) -> str:
-    """Fill in the real shape of KEY in a message word ({list}: as torch.Size prints it, {tuple}: as a tuple)."""
+    """Fill in the real shape of KEY in a message word ({tuple})."""
     from safetensors import safe_open
 
     with safe_open(str(tiny_root / "t2v" / W), framework="pt") as f:
         shape = f.get_slice(KEY).get_shape()
-    return word.format(list=list(shape), tuple=tuple(shape))
-
-
-def _case_id(case) -> str:
-    return case.values[0] if hasattr(case, "marks") else case[0]  # a pytest.param is a tuple too
+    return word.format(tuple=tuple(shape))
 
 
 def _load_error(model: Path, component: str, extra: dict) -> str:
@@ -411,7 +398,7 @@ def _load_error(model: Path, component: str, extra: dict) -> str:
 
 
 @pytest.mark.parametrize("case,brk,component,extra,words", CHECKPOINTS,
-                         ids=[_case_id(c) for c in CHECKPOINTS])
+                         ids=[c[0] for c in CHECKPOINTS])
 def test_broken_checkpoint_names_the_file_or_key(tmp_path, tiny_root, case, brk, component, extra, words):
     model = _copy_model(tiny_root, tmp_path / "model")
     brk(model)
@@ -443,14 +430,13 @@ SQ = "blocks.0.self_attn.q.weight"  # Wan's name of KEY
 SINGLE_FILES = [
     ("wrong-shape", lambda sd: sd.__setitem__(SQ, torch.zeros(5, 7)), ["high.safetensors", SQ, "(5, 7)", "{tuple}"]),
     ("missing-key", lambda sd: sd.pop(SQ), ["high.safetensors", "missing weight", KEY]),
-    pytest.param("wrong-dtype", lambda sd: sd.__setitem__(SQ, sd[SQ].to(torch.int32)), ["high.safetensors", "int32"],
-                 marks=_INT_WEIGHTS),
-    pytest.param("truncated", "truncate", ["high.safetensors"], marks=_RAW_SAFETENSORS),
+    ("wrong-dtype", lambda sd: sd.__setitem__(SQ, sd[SQ].to(torch.int32)), ["high.safetensors", "int32"]),
+    ("truncated", "truncate", ["high.safetensors"]),
 ]
 
 
 @pytest.mark.parametrize("case,edit,words", SINGLE_FILES,
-                         ids=[_case_id(c) for c in SINGLE_FILES])
+                         ids=[c[0] for c in SINGLE_FILES])
 def test_broken_single_file_expert_names_the_file_or_key(tmp_path, tiny_root, case, edit, words):
     path = _single_file(tiny_root, tmp_path, None if edit == "truncate" else edit)
     if edit == "truncate":

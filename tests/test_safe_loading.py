@@ -31,15 +31,7 @@ def _trapped_state_dict(marker: Path) -> dict:
     return {"blocks.0.weight": torch.ones(2, 2), "payload": _RunsCode(marker)}
 
 
-# load_pth wraps the unpickler's errors only on its mmap path: a legacy (non-zip) file falls back to a second
-# torch.load outside the try, so its refusal surfaces as a raw UnpicklingError/EOFError (still refused: the code
-# never runs). Fix belongs in pipeline/models/checkpoint.py (reported to the lead); strict, so a fix shows.
-_LEGACY_UNWRAPPED = pytest.mark.xfail(strict=True, raises=(pickle.UnpicklingError, EOFError),
-                                      reason="load_pth does not wrap errors of its non-mmap fallback")
-
-
-@pytest.mark.parametrize("fmt", ["zip", pytest.param("legacy", marks=_LEGACY_UNWRAPPED),
-                                 pytest.param("plain-pickle", marks=_LEGACY_UNWRAPPED)])
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "plain-pickle"])
 def test_pickle_with_code_is_refused_and_never_runs(tmp_path, fmt):
     marker = tmp_path / "code-ran"
     path = tmp_path / "model.pth"
@@ -75,9 +67,8 @@ def test_pth_that_is_not_a_state_dict(tmp_path, obj, words):
         load_pth(path)
 
 
-@pytest.mark.parametrize("content", [pytest.param(b"", marks=_LEGACY_UNWRAPPED),
-                                     pytest.param(b"not a zip nor a pickle", marks=_LEGACY_UNWRAPPED),
-                                     b"PK\x03\x04broken zip"], ids=["empty", "garbage", "broken-zip"])
+@pytest.mark.parametrize("content", [b"", b"not a zip nor a pickle", b"PK\x03\x04broken zip"],
+                         ids=["empty", "garbage", "broken-zip"])
 def test_unreadable_pth_names_the_file(tmp_path, content):
     path = tmp_path / "bad.pth"
     path.write_bytes(content)
