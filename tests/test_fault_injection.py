@@ -121,8 +121,9 @@ def batch(tmp_path_factory, tiny_root):
         {"job_id": "i5", "prompt": "a car moving right", "seed": 6, "image": str(images[1])},
     ]
     manifest = write_manifest(tmp / "jobs.parquet", rows)
+    # Explicit: 4 steps split 2 + 2 between the experts; CFG on, so the empty negative prompt is a 6th text.
     config = write_config(tmp / "config.json", infer_steps=4, target_video_length=5, target_height=32,
-                          target_width=32, text_len=64)
+                          target_width=32, text_len=64, enable_cfg=True, boundary=0.875, sample_shift=5.0)
     runner = BatchRunner(tmp / "batches.log")
     ref = runner.run(manifest, config, tmp / "ref" / "out", tmp / "ref" / "store")
     assert ref == {"signal": None, "code": 0}, f"reference run failed, see {tmp / 'batches.log'}"
