@@ -108,6 +108,19 @@ def run_image(spec: StageSpec, store: ArtifactStore, run_id: str) -> dict[str, A
                                _sidecar(spec, run_id, time.perf_counter() - t0))
 
 
+def solver_start(spec: StageSpec, store: ArtifactStore, device: torch.device):
+    """(scheduler, latents) where this expert starts: the seed's noise, or the previous expert's latents with
+    its solver state (UniPC's multistep history must carry across the switch)."""
+    p = spec.params
+    sched = make_scheduler(p["schedule"])
+    if "prev" in spec.upstream:
+        prev = spec.upstream["prev"]
+        tensors = store.load_tensors(prev.ref, device)
+        import_state(sched, tensors, store.sidecar(prev.ref)["scheduler_state"], device)
+        return sched, tensors["latents"]
+    return sched, initial_noise(p["seed"], tuple(p["latent_shape"])).to(device)
+
+
 def run_denoise(spec: StageSpec, store: ArtifactStore, run_id: str,
                 on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     from .parallel.layout import ParallelLayout
@@ -118,14 +131,7 @@ def run_denoise(spec: StageSpec, store: ArtifactStore, run_id: str,
         return run_denoise_parallel(spec, store, run_id, faults.wrap_step(spec.stage, on_step))
     t0 = time.perf_counter()
     p, device = spec.params, _device(spec)
-    sched = make_scheduler(p["schedule"])
-    if "prev" in spec.upstream:
-        prev = spec.upstream["prev"]
-        tensors = store.load_tensors(prev.ref, device)
-        latents = tensors["latents"]
-        import_state(sched, tensors, store.sidecar(prev.ref)["scheduler_state"], device)
-    else:
-        latents = initial_noise(p["seed"], tuple(p["latent_shape"])).to(device)
+    sched, latents = solver_start(spec, store, device)
     transformer = get_model(spec)
     context = store.load_tensors(spec.upstream["text"].ref, device)["context"].to(transformer.dtype)
     context_null = None

@@ -37,10 +37,9 @@ COMMANDS = "commands"  # the FIFO a serving group reads specs from
 
 
 def run(spec: StageSpec, store: ArtifactStore, run_id: str, group) -> dict | None:
-    from ..execute import _check_finite, _sidecar, get_model
+    from ..execute import _check_finite, _sidecar, get_model, solver_start
     from ..models.perf import batched_cfg
-    from ..stages.denoise import initial_noise
-    from ..stages.schedule import export_state, import_state, make_scheduler
+    from ..stages.schedule import export_state
     from .denoise import denoise_steps_parallel
     from .ulysses import check_divisible, enable_ulysses
 
@@ -48,14 +47,7 @@ def run(spec: StageSpec, store: ArtifactStore, run_id: str, group) -> dict | Non
     p, device = spec.params, group.device
     # this rank's device; the key (params + upstream) is unchanged
     local = StageSpec(spec.stage, spec.params, spec.upstream, spec.model, {**spec.runtime, "device": str(device)})
-    sched = make_scheduler(p["schedule"])
-    if "prev" in spec.upstream:
-        prev = spec.upstream["prev"]
-        tensors = store.load_tensors(prev.ref, device)
-        latents = tensors["latents"]
-        import_state(sched, tensors, store.sidecar(prev.ref)["scheduler_state"], device)
-    else:
-        latents = initial_noise(p["seed"], tuple(p["latent_shape"])).to(device)
+    sched, latents = solver_start(spec, store, device)
     transformer = get_model(local)
     report = {"layout": group.layout.as_dict(), "world_size": group.world}
     if group.layout.seq > 1:
