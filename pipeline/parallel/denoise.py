@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..stages.denoise import predict_noise
+from ..stages.denoise import denoise_steps, predict_noise
 from .group import RankGroup
 
 
@@ -32,22 +32,14 @@ def predict_noise_parallel(transformer, model_input: torch.Tensor, timestep: tor
     return noise_uncond + guide_scale * (noise_cond - noise_uncond)
 
 
-@torch.no_grad()
 def denoise_steps_parallel(transformer, scheduler, latents: torch.Tensor, steps: range, context: torch.Tensor,
                            context_null: torch.Tensor | None, guide_scale: float, group: RankGroup,
                            cond: torch.Tensor | None = None, on_step: Callable[[int], None] | None = None,
                            batched_cfg: bool = False) -> torch.Tensor:
     """stages.denoise.denoise_steps on a rank group (same inputs, same solver calls, same result)."""
-    dtype = transformer.dtype
-    timesteps = scheduler.timesteps
-    for i in steps:
-        t = timesteps[i]
-        model_input = latents if cond is None else torch.cat([latents, cond], dim=1)
-        model_input = model_input.to(dtype)
-        timestep = t.expand(latents.shape[0]).to(latents.device)
-        noise_pred = predict_noise_parallel(transformer, model_input, timestep, context, context_null, guide_scale,
-                                            group, batched_cfg)
-        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-        if on_step is not None:
-            on_step(i)
-    return latents
+
+    def predict(model, model_input, timestep, ctx, ctx_null, scale, batched) -> torch.Tensor:
+        return predict_noise_parallel(model, model_input, timestep, ctx, ctx_null, scale, group, batched)
+
+    return denoise_steps(transformer, scheduler, latents, steps, context, context_null, guide_scale, cond=cond,
+                         on_step=on_step, batched_cfg=batched_cfg, predict=predict)

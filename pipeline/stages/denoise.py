@@ -15,7 +15,8 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 @torch.no_grad()
 def denoise_steps(transformer, scheduler, latents: torch.Tensor, steps: range, context: torch.Tensor,
                   context_null: torch.Tensor | None, guide_scale: float, cond: torch.Tensor | None = None,
-                  on_step: Callable[[int], None] | None = None, batched_cfg: bool = False) -> torch.Tensor:
+                  on_step: Callable[[int], None] | None = None, batched_cfg: bool = False,
+                  predict: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Advance `latents` (fp32) through `steps` of `scheduler` with one expert.
 
     With `context_null` (CFG), the conditional and unconditional predictions are combined as
@@ -29,8 +30,8 @@ def denoise_steps(transformer, scheduler, latents: torch.Tensor, steps: range, c
         model_input = latents if cond is None else torch.cat([latents, cond], dim=1)
         model_input = model_input.to(dtype)
         timestep = t.expand(latents.shape[0]).to(latents.device)
-        noise_pred = predict_noise(transformer, model_input, timestep, context, context_null, guide_scale,
-                                   batched_cfg)
+        noise_pred = (predict or predict_noise)(transformer, model_input, timestep, context, context_null,
+                                                guide_scale, batched_cfg)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i)
