@@ -3,7 +3,8 @@
 The store, the stage runner and RunManifest call `point(stage, where)` at named places (see POINTS). When the
 variable names that place, its n-th hit in this process triggers the action:
   kill    (default) SIGKILL this process, as an OOM killer or `kill -9` would;
-  enospc  raise OSError(ENOSPC), as a full disk would.
+  enospc  raise OSError(ENOSPC), as a full disk would;
+  hang    block forever, as a wedged GPU driver or NFS mount would (for the service's TASK_TIMEOUT).
 At a point that is given a file (a temp file being written), the file is first cut to half its length, so
 the state left behind is the one of a write interrupted midway. `mux` kills while the ffmpeg child is
 encoding (the child is left running, as it would be). `stage` may be `*` (any stage).
@@ -33,7 +34,7 @@ POINTS = {
     "committed": "the sidecar is in place (the artifact is complete), the task not yet marked done",
     "mux": "ffmpeg is encoding the MP4 into its temp file",
 }
-ACTIONS = ("kill", "enospc")
+ACTIONS = ("kill", "enospc", "hang")
 
 _armed: tuple[str, int, str, str] | None = None
 _hits = 0
@@ -71,6 +72,9 @@ def point(stage: str, where: str, path: Path | str | None = None) -> None:
         os.truncate(path, Path(path).stat().st_size // 2)
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path) if path else None)
+    if action == "hang":
+        while True:
+            time.sleep(3600)
     if where == "mux":
         _kill_when_child_writes(str(Path(path).resolve()))
         return

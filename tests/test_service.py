@@ -33,8 +33,9 @@ STARTUP_S = 300  # importing torch/diffusers twice on a loaded 2-core CI machine
 class Server:
     """`wan-batch serve --port 0` in a subprocess; its URL comes from <service_dir>/server.json."""
 
-    def __init__(self, service_dir: Path, store: Path, *args: str):
+    def __init__(self, service_dir: Path, store: Path, *args: str, env: dict[str, str] | None = None):
         self.service_dir, self.store, self.args = Path(service_dir), Path(store), list(args)
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -44,7 +45,8 @@ class Server:
         log = open(self.service_dir / "server.out", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "serve", "--port", "0", "--service-dir", str(self.service_dir),
-             "--store", str(self.store), *self.args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+             "--store", str(self.store), *self.args], cwd=REPO, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT)
         log.close()
         deadline, health = time.monotonic() + STARTUP_S, None
         try:

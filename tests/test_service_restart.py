@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from conftest import read_results, run_batch, write_manifest
-from test_service import Server, db_rows, decode_mp4
+from test_service import SMALL, Server, db_rows, decode_mp4
 
 pytestmark = pytest.mark.slow
 
@@ -82,10 +82,12 @@ def test_kill_9_while_running_and_queued_then_restart(tmp_path, tiny_root):
 
 
 def test_task_timeout_fails_the_task_and_a_fresh_worker_takes_over(tmp_path, tiny_root):
-    srv = Server(tmp_path / "svc", tmp_path / "store", "--task-timeout", "5").start()
+    # the worker wedges in its first denoise step (a hung driver call): no machine is fast enough to finish
+    srv = Server(tmp_path / "svc", tmp_path / "store", "--task-timeout", "5",
+                 env={"WAN_BATCH_FAULT": "denoise-high:1:step:hang"}).start()
     try:
         first_worker = srv.worker_pid()
-        heavy = srv.submit(prompt="a very long job", seed=1, image_size="64*64", num_frames=17, infer_steps=200)
+        heavy = srv.submit(prompt="a wedged job", seed=1, **SMALL)
         st = srv.wait([heavy], timeout=600)[heavy]
         assert st["status"] == "failed" and "TASK_TIMEOUT=5" in st["error"], st
         assert os.path.exists(srv.service_dir / "worker.log")
