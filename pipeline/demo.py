@@ -1,11 +1,17 @@
-"""The demo manifest: a few T2V rows and one I2V row whose image is drawn here (no files to download)."""
+"""The demo manifest: a few T2V rows and one I2V row whose image is drawn here (no files to download).
+
+The prompts are captions the embedded tiny model never saw in training (pipeline.models.train_tiny.HELD_OUT),
+so the videos show that it follows the prompt rather than replaying a training clip. Regenerate the manifest
+with `python -m pipeline.demo`."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from .store import atomic_path
 
 DEMO_ROWS = [
     {"job_id": "red-circle-left", "prompt": "a red circle moving left on a blue background", "seed": 1},
@@ -17,11 +23,16 @@ DEMO_ROWS = [
 ]
 
 
-def draw_first_frame(path: Path, size: int = 96) -> None:
-    img = Image.new("RGB", (size, size), (30, 140, 60))
-    r = size // 6
-    ImageDraw.Draw(img).ellipse((size // 2 - r, size // 4 - r, size // 2 + r, size // 4 + r), fill=(245, 245, 245))
-    img.save(path)
+def draw_first_frame(path: Path, size: int = 128) -> None:
+    """A white circle near the top of a green frame, where the training clips of one moving down start (the
+    pipeline scales the image to the model's size)."""
+    import numpy as np
+
+    from .models.train_tiny import render, stage_clip
+
+    clip = stage_clip("white", "circle", "down", "green", rng=np.random.default_rng(0), size=size)
+    with atomic_path(path) as tmp:
+        Image.fromarray(render(clip, size, 1)[0][0]).save(tmp, format="PNG")
 
 
 def write_demo_manifest(folder: Path) -> Path:

@@ -1,23 +1,26 @@
-"""The embedded tiny model: Wan2.2 A14B in miniature, written in the real diffusers layout.
+"""The embedded tiny model: Wan2.2 A14B in miniature, trained to draw coloured shapes, in the diffusers layout.
 
 Same classes and key names as Wan-AI/Wan2.2-{T2V,I2V}-A14B-Diffusers (UMT5EncoderModel, T5 tokenizer,
 two WanTransformer3DModel experts `transformer` (high noise) and `transformer_2` (low noise), AutoencoderKLWan,
 UniPC flow scheduler), so it is loaded by the very loader a full-size model uses. The I2V variant's DiT takes
-the 36-channel input (16 noise + 4 mask + 16 image-latent channels). Weights are seeded, so every machine
-builds the same files; they are generated on first use into a cache folder (a few MB, well under a second).
+the 36-channel input (16 noise + 4 mask + 16 image-latent channels).
+
+The weights ship with the package (`tiny_weights/{t2v,i2v}`, made by `python -m pipeline.models.train_tiny`):
+prompts like "a red circle moving left on a blue background" give that video, so a broken pipeline shows.
+On first use they are copied into a cache folder named by their content hash (`WAN_BATCH_HOME` moves it),
+so nothing ever writes next to the package and a re-trained model never meets a stale copy.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-TINY_VERSION = 1
+TINY_VERSION = 2
+WEIGHTS = Path(__file__).resolve().parent / "tiny_weights"
 TEXT_DIM = 32
 
 # Characters plus whole words of the demo vocabulary: any ASCII prompt tokenizes, common words are one token.
@@ -28,8 +31,8 @@ _WORDS = (
 ).split()
 
 DIT_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-    text_dim=TEXT_DIM, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+    patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=16, in_channels=16, out_channels=16,
+    text_dim=TEXT_DIM, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
 )
 VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
@@ -41,9 +44,35 @@ SCHEDULER_CONFIG = dict(prediction_type="flow_prediction", use_flow_sigmas=True,
 BOUNDARY = {"t2v": 0.875, "i2v": 0.900}  # Wan2.2 A14B's own switch points
 
 
+def weight_files(weights: Path = WEIGHTS) -> list[Path]:
+    """The shipped model files, or a clear error when they are missing (never random weights in their place)."""
+    files = sorted(f for f in weights.rglob("*") if f.is_file() and not f.name.startswith("."))
+    for task in ("t2v", "i2v"):
+        if not (weights / task / "model_index.json").is_file():
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"the tiny model's weights are missing ({weights / task}); "
+                                  f"re-create them with `python -m pipeline.models.train_tiny`")
+    return files
+
+
+_digests: dict[Path, str] = {}
+
+
+def weights_digest(weights: Path = WEIGHTS) -> str:
+    """sha256 over the shipped files' relative paths and contents (~10 MB, hashed once per process)."""
+    if weights not in _digests:
+        h = hashlib.sha256()
+        for f in weight_files(weights):
+            h.update(str(f.relative_to(weights)).encode() + b"\0")
+            h.update(f.read_bytes())
+        _digests[weights] = h.hexdigest()
+    return _digests[weights]
+
+
 def cache_root() -> Path:
     base = os.environ.get("WAN_BATCH_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "wan-batch")
-    return Path(base) / f"tiny-v{TINY_VERSION}"
+    return Path(base) / f"tiny-v{TINY_VERSION}-{weights_digest()[:12]}"
 
 
 def build_tokenizer(out_dir: Path):
@@ -67,37 +96,9 @@ def build_tokenizer(out_dir: Path):
     return fast
 
 
-def _seeded(seed: int):
-    torch.manual_seed(seed)
-    return contextlib.nullcontext()
-
-
-def build_tiny_model(out: Path, task: str) -> None:
-    """Write one tiny model (t2v or i2v) in the diffusers layout to `out`."""
-    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
-                           WanTransformer3DModel)
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    tokenizer = build_tokenizer(Path(tempfile.mkdtemp()))
-    with _seeded(1):  # shared by both tasks, like the real T5 and VAE
-        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **T5_CONFIG)).eval()
-    with _seeded(2):
-        vae = AutoencoderKLWan(**VAE_CONFIG).eval()
-    in_channels = 36 if task == "i2v" else 16
-    base_seed = 10 if task == "t2v" else 20
-    with _seeded(base_seed + 1):
-        high = WanTransformer3DModel(**{**DIT_CONFIG, "in_channels": in_channels}).eval()
-    with _seeded(base_seed + 2):
-        low = WanTransformer3DModel(**{**DIT_CONFIG, "in_channels": in_channels}).eval()
-    scheduler = UniPCMultistepScheduler(**SCHEDULER_CONFIG)
-    cls = WanImageToVideoPipeline if task == "i2v" else WanPipeline
-    pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=high,
-               transformer_2=low, boundary_ratio=BOUNDARY[task])
-    pipe.save_pretrained(out, safe_serialization=True)
-
-
 def ensure_tiny_models(root: Path | None = None) -> Path:
-    """Build the tiny T2V and I2V models once (cross-process lock, atomic rename); return their folder."""
+    """Copy the shipped tiny T2V and I2V models into the cache once (cross-process lock, atomic rename);
+    return the folder holding `t2v/` and `i2v/`."""
     root = root or cache_root()
     if (root / "t2v" / "model_index.json").is_file() and (root / "i2v" / "model_index.json").is_file():
         return root
@@ -108,8 +109,10 @@ def ensure_tiny_models(root: Path | None = None) -> Path:
             return root
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
         try:
-            for task in ("t2v", "i2v"):
-                build_tiny_model(tmp / task, task)
+            for src in weight_files():
+                dest = tmp / src.relative_to(WEIGHTS)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest)
             if root.exists():
                 shutil.rmtree(root)
             os.replace(tmp, root)

@@ -1,0 +1,794 @@
+"""Train the embedded tiny demo model on synthetic clips, so the default model makes recognisable videos.
+
+    python -m pipeline.models.train_tiny                  # writes pipeline/models/tiny_weights/{t2v,i2v}
+    python -m pipeline.models.train_tiny --quick --out /tmp/tiny   # a smoke run of every phase (minutes)
+
+The data: clips of one shape (circle, square, triangle) in a named colour moving left/right/up/down on a
+plain background of another named colour, captioned "a red circle moving left on a blue background".
+Captions in HELD_OUT never appear in training; the semantic tests prompt with them.
+
+Phases, in the order Wan's models were made (all with the real diffusers classes):
+1. VAE (AutoencoderKLWan, small base_dim) as an autoencoder on short clips; then the per-channel latent
+   mean/std over the data set go into its config as `latents_mean`/`latents_std` (what the pipelines use).
+2. T2V: the UMT5 encoder and both WanTransformer3DModel experts, trained jointly by flow matching
+   (x_t = (1 - s) x0 + s eps, target eps - x0, timestep 1000 s), s drawn with the inference shift; the
+   high-noise expert only on s >= boundary, the low-noise one only below, so each is a specialist as in
+   Wan2.2 A14B. The text encoder is trained (lightly, lower learning rate) rather than left random: with a
+   random encoder the colour of the shape and the colour of the background differ only by weak position
+   mixing, and the experts learn to tell them apart much faster with a trained one. 10% of captions are
+   replaced by the negative prompt so classifier-free guidance works.
+3. I2V: experts initialised from the T2V ones (the 20 extra input channels of the patch embedding start at
+   zero), trained with the pipeline's own first-frame condition (4 mask + 16 latent channels); the text
+   encoder and VAE are shared with T2V and frozen.
+
+The DiT attends over the text context zero-padded to text_len (512) tokens, like Wan. Training uses a
+compact context (the real tokens plus a few zero tokens) with a log-count bias on the zero tokens, which is
+exactly the same attention (all padding tokens are identical); `check_compact_context` verifies it.
+
+Deterministic: fixed seeds, fixed data order, one torch thread (float sums depend on the thread count); the
+same torch version on the same kind of CPU gives the same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ---- the synthetic world ------------------------------------------------------------------------------------
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 225), "yellow": (240, 215, 40),
+    "white": (240, 240, 240), "black": (20, 20, 20), "purple": (140, 50, 185), "cyan": (40, 205, 215),
+}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0),
+                                               "down": (0.0, 1.0)}
+# (colour, shape, direction, background): never in the training set; the semantic tests use these.
+HELD_OUT: tuple[tuple[str, str, str, str], ...] = (
+    ("red", "circle", "left", "blue"), ("green", "square", "right", "black"),
+    ("yellow", "triangle", "up", "purple"), ("white", "circle", "down", "green"),
+    ("cyan", "square", "left", "white"), ("blue", "triangle", "right", "yellow"),
+    ("purple", "circle", "up", "cyan"), ("black", "square", "down", "red"),
+)
+
+
+SHAPE_RADIUS = (0.17, 0.23)  # of the frame size
+TRAVEL = (0.28, 0.38)  # distance the shape moves over the clip, of the frame size
+STAGE_RADIUS = (0.13, 0.15)  # the same for the denoisers' clips (stage_clip)
+STAGE_TRAVEL = (0.45, 0.50)
+STAGE_JITTER = 0.04  # of the frame size, each axis, around the centre of the path
+
+
+def caption(colour: str, shape: str, direction: str, background: str) -> str:
+    return f"a {colour} {shape} moving {direction} on a {background} background"
+
+
+@dataclass(frozen=True)
+class Clip:
+    colour: str
+    shape: str
+    direction: str
+    background: str
+    x: float  # start centre, pixels
+    y: float
+    distance: float  # travelled over the clip, pixels
+    radius: float
+
+    @property
+    def caption(self) -> str:
+        return caption(self.colour, self.shape, self.direction, self.background)
+
+
+def place_clip(colour: str, shape: str, direction: str, background: str, rng: np.random.Generator,
+               size: int) -> Clip:
+    """Anywhere in the frame: a random size, speed and start such that the whole path stays inside (the VAE's
+    data, which must draw a shape wherever a denoiser puts it)."""
+    radius = float(rng.uniform(SHAPE_RADIUS[0], SHAPE_RADIUS[1]) * size)
+    distance = float(rng.uniform(TRAVEL[0], TRAVEL[1]) * size)
+    margin = radius * 1.2 + 1.0
+    dx, dy = DIRECTIONS[direction]
+    lo_x, hi_x = margin + max(0.0, -dx) * distance, size - margin - max(0.0, dx) * distance
+    lo_y, hi_y = margin + max(0.0, -dy) * distance, size - margin - max(0.0, dy) * distance
+    return Clip(colour, shape, direction, background, float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y)),
+                distance, radius)
+
+
+def stage_clip(colour: str, shape: str, direction: str, background: str, rng: np.random.Generator,
+               size: int) -> Clip:
+    """The denoisers' data: the shape crosses the middle of the frame in the named direction, with a little
+    jitter in size, speed and path. A caption then says nearly everything about its clip, so a DiT this
+    small learns the world (and new combinations of its words) in minutes on a CPU; uniformly random
+    placement (as for the VAE) left it drawing several blobs after 30 minutes."""
+    radius = float(rng.uniform(*STAGE_RADIUS) * size)
+    distance = float(rng.uniform(*STAGE_TRAVEL) * size)
+    dx, dy = DIRECTIONS[direction]
+    mid_x, mid_y = (0.5 + rng.uniform(-STAGE_JITTER, STAGE_JITTER, size=2)) * size
+    return Clip(colour, shape, direction, background, float(mid_x - dx * distance / 2),
+                float(mid_y - dy * distance / 2), distance, radius)
+
+
+def all_combos() -> list[tuple[str, str, str, str]]:
+    return [(c, s, d, b) for c in PALETTE for s in SHAPES for d in DIRECTIONS for b in PALETTE if b != c]
+
+
+def sample_clips(n: int, seed: int, size: int, place=place_clip) -> list[Clip]:
+    """n training clips: every allowed combination in turn (shuffled), each placed by `place`."""
+    rng = np.random.default_rng(seed)
+    held = set(HELD_OUT)
+    combos = [c for c in all_combos() if c not in held]
+    out: list[Clip] = []
+    while len(out) < n:
+        for i in rng.permutation(len(combos)):
+            out.append(place(*combos[i], rng=rng, size=size))
+            if len(out) == n:
+                break
+    return out
+
+
+def _shape_mask(shape: str, xs: np.ndarray, ys: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: float) -> np.ndarray:
+    px, py = xs[None, None, :] - cx[:, None, None], ys[None, :, None] - cy[:, None, None]
+    if shape == "circle":
+        return px * px + py * py <= r * r
+    if shape == "square":
+        s = r * 0.88
+        return (np.abs(px) <= s) & (np.abs(py) <= s)
+    # triangle pointing up, circumradius 1.2 r, centred on its centroid
+    R = r * 1.2
+    half = R * math.sqrt(3) / 2
+    top, base = -R, R / 2
+    inside_base = py <= base
+    # the two slanted sides: |px| <= half * (py - top) / (base - top)
+    return inside_base & (np.abs(px) <= half * (py - top) / (base - top))
+
+
+def render(clip: Clip, size: int, frames: int, supersample: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 video [F, H, W, 3], float32 coverage [F, H, W]) with anti-aliased edges."""
+    n = size * supersample
+    coords = (np.arange(n, dtype=np.float32) + 0.5) / supersample
+    frac = np.linspace(0.0, 1.0, frames, dtype=np.float32)
+    dx, dy = DIRECTIONS[clip.direction]
+    cx = clip.x + dx * clip.distance * frac
+    cy = clip.y + dy * clip.distance * frac
+    mask = _shape_mask(clip.shape, coords, coords, cx, cy, clip.radius).astype(np.float32)
+    alpha = mask.reshape(frames, size, supersample, size, supersample).mean(axis=(2, 4))
+    fg = np.array(PALETTE[clip.colour], np.float32)
+    bg = np.array(PALETTE[clip.background], np.float32)
+    video = bg + alpha[..., None] * (fg - bg)
+    return np.clip(video + 0.5, 0, 255).astype(np.uint8), alpha
+
+
+# ---- reading a generated video back (used by the report below and by tests/test_semantic.py) ----------------
+
+def nearest_colour(rgb: np.ndarray) -> str:
+    names = list(PALETTE)
+    dist = [float(np.linalg.norm(rgb - np.array(PALETTE[n], np.float32))) for n in names]
+    return names[int(np.argmin(dist))]
+
+
+def describe_video(frames: np.ndarray, min_move: float = 0.1) -> dict:
+    """What a viewer would say about a clip [F, H, W, 3] uint8: the background colour (median pixel), the
+    colour of the shape (median of the pixels that differ from the background), and where its centroid went
+    (the direction of the largest displacement between the first and last quarter of the frames, if it is at
+    least `min_move` of the frame size)."""
+    video = frames.astype(np.float32)
+    nf, h, w, _ = video.shape
+    bg = np.median(video.reshape(nf, -1, 3), axis=1)  # [F, 3]
+    diff = np.linalg.norm(video - bg[:, None, None, :], axis=-1)
+    fg = diff > 60.0
+    out = {"background": nearest_colour(np.median(bg, axis=0)), "colour": None, "direction": None,
+           "displacement": (0.0, 0.0), "fg_fraction": float(fg.mean())}
+    if fg.sum() < 4 * nf:
+        return out
+    out["colour"] = nearest_colour(np.median(video[fg], axis=0))
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    cents = []
+    for i in range(nf):
+        m = fg[i]
+        cents.append((xs[m].mean(), ys[m].mean()) if m.sum() >= 3 else (np.nan, np.nan))
+    cents = np.array(cents)
+    q = max(1, nf // 4)
+    first, last = cents[:q][np.isfinite(cents[:q, 0])], cents[-q:][np.isfinite(cents[-q:, 0])]
+    if len(first) and len(last):
+        disp = last.mean(axis=0) - first.mean(axis=0)
+        out["displacement"] = (float(disp[0]), float(disp[1]))
+        name, vec = max(DIRECTIONS.items(), key=lambda kv: kv[1][0] * disp[0] + kv[1][1] * disp[1])
+        if vec[0] * disp[0] + vec[1] * disp[1] >= min_move * max(h, w):
+            out["direction"] = name
+    return out
+
+
+def matches(desc: dict, colour: str, direction: str) -> bool:
+    return desc["colour"] == colour and desc["direction"] == direction
+
+
+# ---- training recipe ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recipe:
+    size: int = 48  # the VAE's training clips (it is fully convolutional: any size works after)
+    video_size: int = 64  # the denoisers' clips, and the tiny config's target_height/width
+    frames: int = 17
+    clips: int = 1000  # the VAE's training clips
+    dit_clips: int = 2000  # the denoisers' clips (latents precomputed once)
+    i2v_clips: int = 1000  # of those, the ones with a first-frame condition for I2V
+    vae_image_steps: int = 1500
+    vae_image_batch: int = 16
+    vae_steps: int = 300  # video steps
+    vae_batch: int = 4
+    vae_frames: int = 9  # 1 + 2 chunks of 4: the encoder's cached-chunk path is exercised
+    vae_crop: int = 32  # fully convolutional: trained on crops (2.25x cheaper), used on whole frames
+    vae_lr: float = 2.5e-3
+    vae_kl: float = 1e-4
+    vae_noise: float = 0.1
+    dit_steps: int = 2500
+    dit_batch: int = 16
+    dit_lr: float = 2e-3
+    t5_lr: float = 1e-3
+    i2v_steps: int = 600
+    ema: float = 0.995
+    p_uncond: float = 0.1
+    shift: float = 5.0
+    seed: int = 0
+    report_seeds: int = 5  # after saving: held-out prompts x this many seeds, T2V and I2V (0: no report)
+
+
+QUICK = Recipe(clips=96, dit_clips=96, i2v_clips=48, vae_image_steps=10, vae_steps=5, dit_steps=20, i2v_steps=10, dit_batch=8, vae_batch=2)
+
+
+class Log:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        print(f"[{time.perf_counter() - self.t0:7.1f}s wall {r.ru_utime + r.ru_stime:7.1f}s cpu] {msg}", flush=True)
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 30) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _to_model_video(videos: np.ndarray) -> torch.Tensor:
+    """uint8 [B, F, H, W, 3] -> float [B, 3, F, H, W] in [-1, 1] (what VideoProcessor gives the VAE)."""
+    return torch.from_numpy(videos).float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def inflate_init(vae) -> None:
+    """Start the video VAE as a per-frame image VAE (the usual 2D-to-3D inflation): every causal temporal
+    convolution looks at the current frame only, the encoder's temporal downsampling keeps the latest frame
+    and the decoder's temporal upsampling repeats it. Training on single images then teaches all the spatial
+    work at a ninth of the cost of 9-frame clips, and the short video phase only has to learn motion."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    time_convs = {id(m.time_conv) for m in vae.modules() if isinstance(m, WanResample) and hasattr(m, "time_conv")}
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, WanCausalConv3d) and m.kernel_size[0] > 1:
+                m.weight[:, :, :-1] = 0.0
+                if id(m) in time_convs:
+                    eye = torch.eye(m.in_channels).repeat(m.out_channels // m.in_channels, 1)
+                    m.weight[:, :, -1] = eye.view(m.out_channels, m.in_channels, 1, 1)
+                    m.bias.zero_()
+
+
+def _vae_step(vae, opt, x: torch.Tensor, alpha: torch.Tensor, recipe: Recipe, gen: torch.Generator, lr: float):
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+    # plus noise at a tenth of each channel's spread: the decoder must draw well from the slightly-off latents
+    # a denoiser produces, not only from the encoder's own
+    spread = post.mean.detach().std(dim=(0, 2, 3, 4), keepdim=True)
+    z = z + recipe.vae_noise * spread * torch.randn(z.shape, generator=gen)
+    y = vae.decode(z).sample
+    err = ((y - x).abs() + (y - x).pow(2)).mean(1)  # [B, F, H, W]
+    # the shape covers ~8% of the pixels: its error and the background's count equally
+    fg = alpha.clamp(0, 1)
+    rec = (err * (1 - fg)).sum() / (1 - fg).sum() + (err * fg).sum() / fg.sum().clamp_min(1.0)
+    kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    (rec + recipe.vae_kl * kl).backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    opt.step()
+    return rec.item(), kl.item()
+
+
+def train_vae(recipe: Recipe, clips: list[Clip], log: Log):
+    """Images first (single frames through the causal path), then short clips (crops of 9 frames)."""
+    from diffusers import AutoencoderKLWan
+
+    from .tiny import VAE_CONFIG
+
+    torch.manual_seed(recipe.seed + 1)
+    vae = AutoencoderKLWan(**VAE_CONFIG).train()
+    inflate_init(vae)
+    with torch.no_grad():  # start with a narrow posterior (std ~0.05): the decoder sees the signal from step 0
+        vae.quant_conv.bias[VAE_CONFIG["z_dim"]:] = -6.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(recipe.seed + 2)
+    gen = torch.Generator().manual_seed(recipe.seed + 3)
+    crop = min(recipe.vae_crop, recipe.size)
+    total = recipe.vae_image_steps + recipe.vae_steps
+    log(f"VAE: {sum(p.numel() for p in vae.parameters())} parameters, {recipe.vae_image_steps} image steps, "
+        f"{recipe.vae_steps} video steps")
+    for step in range(total):
+        image_phase = step < recipe.vae_image_steps
+        batch, frames = (recipe.vae_image_batch, 1) if image_phase else (recipe.vae_batch, recipe.vae_frames)
+        idx = rng.integers(len(clips), size=batch)
+        start = rng.integers(0, recipe.frames - frames + 1)
+        cy, cx = rng.integers(0, recipe.size - crop + 1, size=2)
+        window = (slice(start, start + frames), slice(cy, cy + crop), slice(cx, cx + crop))
+        rendered = [render(clips[i], recipe.size, recipe.frames) for i in idx]
+        video = np.stack([v[window] for v, _ in rendered])
+        alpha = torch.from_numpy(np.stack([a[window] for _, a in rendered]))
+        # each phase has its own schedule: the video phase starts gently, so it refines the image VAE
+        lr = (_lr(step, recipe.vae_image_steps, recipe.vae_lr) if image_phase else
+              _lr(step - recipe.vae_image_steps, recipe.vae_steps, recipe.vae_lr * 0.3))
+        rec, kl = _vae_step(vae, opt, _to_model_video(video), alpha, recipe, gen, lr)
+        if step % 25 == 0 or step == total - 1 or step == recipe.vae_image_steps:
+            log(f"VAE {'image' if image_phase else 'video'} step {step}: rec {rec:.4f} kl {kl:.3f}")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(vae, clips: list[Clip], recipe: Recipe, batch: int = 8) -> torch.Tensor:
+    """Raw (un-normalised) posterior means [N, 16, T', h, w] of the full-length clips."""
+    out = []
+    for i in range(0, len(clips), batch):
+        video = np.stack([render(c, recipe.video_size, recipe.frames)[0] for c in clips[i:i + batch]])
+        out.append(vae.encode(_to_model_video(video)).latent_dist.mode())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_conditions(vae, clips: list[Clip], recipe: Recipe, batch: int = 8) -> torch.Tensor:
+    """I2V conditions [N, 20, T', h, w], batched but built exactly like pipeline.stages.image does."""
+    from ..stages.image import first_frame_mask
+
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    out = []
+    for i in range(0, len(clips), batch):
+        first = np.stack([render(c, recipe.video_size, 1)[0] for c in clips[i:i + batch]])  # [B, 1, H, W, 3]
+        x = _to_model_video(first)
+        video = torch.cat([x, x.new_zeros(x.shape[0], 3, recipe.frames - 1, recipe.video_size, recipe.video_size)], dim=2)
+        latent = (vae.encode(video).latent_dist.mode() - mean) * inv_std
+        mask = first_frame_mask(recipe.frames, latent.shape[3], latent.shape[4]).expand(latent.shape[0], -1, -1, -1, -1)
+        out.append(torch.cat([mask, latent], dim=1))
+    return torch.cat(out)
+
+
+# ---- compact text context: the same attention as the zero-padded text_len context, at a fraction of the cost --
+
+class CompactContextAttn:
+    """Cross-attention processor for training: attends over a compact context (real tokens, then zero tokens)
+    with log(count) added to the logits of the zero tokens, so each stands for its share of the text_len - n
+    identical padding tokens of the real, padded context. Equal to WanAttnProcessor on the padded context."""
+
+    def __init__(self) -> None:
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.inner = WanAttnProcessor()
+        self.bias: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self.inner(attn, hidden_states, encoder_hidden_states, self.bias, rotary_emb)
+
+
+def use_compact_context(model) -> CompactContextAttn:
+    proc = CompactContextAttn()
+    for block in model.blocks:
+        block.attn2.set_processor(proc)
+    return proc
+
+
+def restore_processors(model) -> None:
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    for block in model.blocks:
+        block.attn2.set_processor(WanAttnProcessor())
+
+
+class TextBank:
+    """Token ids of every caption (and of the negative prompt), encoded per batch by the (trainable) UMT5."""
+
+    def __init__(self, tokenizer, captions: list[str], negative: str, text_len: int) -> None:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        self.text_len = text_len
+        texts = [prompt_clean(c) for c in captions] + [prompt_clean(negative)]
+        enc = tokenizer(texts, padding="longest", add_special_tokens=True, return_attention_mask=True,
+                        return_tensors="pt")
+        self.ids, self.mask = enc.input_ids, enc.attention_mask
+        self.null = len(captions)
+        self.width = self.ids.shape[1] + 1  # at least one zero token stands for the padding
+
+    def context(self, encoder, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [B, width, D] with zeros after the real tokens, bias [B, 1, 1, width])."""
+        device = next(encoder.parameters()).device
+        ids, mask = self.ids[rows].to(device), self.mask[rows].to(device)
+        hidden = encoder(ids, mask).last_hidden_state * mask.unsqueeze(-1)
+        ctx = F.pad(hidden, (0, 0, 0, self.width - ids.shape[1]))
+        n = mask.sum(1, keepdim=True).float()
+        pad_bias = torch.log((self.text_len - n) / (self.width - n))
+        positions = torch.arange(self.width, device=device).unsqueeze(0)
+        bias = torch.where(positions < n, torch.zeros((), device=device), pad_bias)
+        return ctx, bias[:, None, None, :]
+
+
+@torch.no_grad()
+def check_compact_context(model, bank: TextBank, encoder, latents: torch.Tensor, cond: torch.Tensor | None) -> float:
+    """Max |difference| between the compact and the zero-padded text_len context on two samples; must be ~0."""
+    rows = torch.tensor([0, bank.null])
+    ctx, bias = bank.context(encoder, rows)
+    x = latents[:2] if cond is None else torch.cat([latents[:2], cond[:2]], 1)
+    t = torch.tensor([900.0, 300.0], device=latents.device)
+    proc = use_compact_context(model)
+    proc.bias = bias
+    compact = model(x, t, ctx, return_dict=False)[0]
+    restore_processors(model)
+    full_ctx = F.pad(ctx, (0, 0, 0, bank.text_len - ctx.shape[1]))
+    full = model(x, t, full_ctx, return_dict=False)[0]
+    return float((compact - full).abs().max())
+
+
+# ---- flow matching --------------------------------------------------------------------------------------------
+
+def sample_sigmas(n: int, lo: float, hi: float, shift: float, gen: torch.Generator) -> torch.Tensor:
+    """Noise levels in [lo, hi) with the density of the shifted schedule s = k u / (1 + (k - 1) u), u uniform,
+    the same warping the solver applies at inference (flow_shift)."""
+    def unshift(s: float) -> float:
+        return s / (shift - (shift - 1.0) * s)
+
+    u_lo, u_hi = unshift(lo), unshift(hi)
+    u = u_lo + (u_hi - u_lo) * torch.rand(n, generator=gen)
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+class Ema:
+    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+def train_experts(recipe: Recipe, experts: dict[str, torch.nn.Module], boundary: float, bank: TextBank,
+                  encoder, rows: torch.Tensor, latents: torch.Tensor, cond: torch.Tensor | None, steps: int,
+                  seed: int, log: Log, train_text: bool) -> None:
+    """Flow-matching training of the high- and low-noise experts, each on its own noise range, every step
+    on an independent batch; the text encoder learns with them when `train_text`."""
+    ranges = {"high": (boundary, 1.0), "low": (0.0, boundary)}
+    procs = {name: use_compact_context(m.train()) for name, m in experts.items()}
+    groups = [{"params": list(m.parameters()), "lr": recipe.dit_lr, "base": recipe.dit_lr} for m in experts.values()]
+    trained = list(experts.values())
+    if train_text:
+        encoder.train().requires_grad_(True)
+        groups.append({"params": list(encoder.parameters()), "lr": recipe.t5_lr, "base": recipe.t5_lr})
+        trained.append(encoder)
+    else:
+        encoder.eval().requires_grad_(False)
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    ema = Ema(trained, recipe.ema)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same random stream on any device
+    device = latents.device
+    n = latents.shape[0]
+    for step in range(steps):
+        total = 0.0
+        losses = {}
+        for name, model in experts.items():
+            idx = torch.randint(0, n, (recipe.dit_batch,), generator=gen)
+            text_rows = rows[idx].clone()
+            text_rows[torch.rand(recipe.dit_batch, generator=gen) < recipe.p_uncond] = bank.null
+            ctx, procs[name].bias = bank.context(encoder, text_rows)
+            x0 = latents[idx.to(device)]
+            sigma = sample_sigmas(recipe.dit_batch, *ranges[name], recipe.shift, gen).view(-1, 1, 1, 1, 1).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            xt = (1.0 - sigma) * x0 + sigma * noise
+            inp = xt if cond is None else torch.cat([xt, cond[idx.to(device)]], 1)
+            pred = model(inp, sigma.flatten() * 1000.0, ctx, return_dict=False)[0]
+            loss = F.mse_loss(pred, noise - x0)
+            losses[name] = loss.item()
+            total = total + loss
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, g["base"])
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        for g in opt.param_groups:
+            torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
+        opt.step()
+        ema.update(step)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"  step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    ema.copy_to()
+    for model in experts.values():
+        restore_processors(model)
+        model.eval().requires_grad_(False)
+    encoder.eval().requires_grad_(False)
+
+
+def extend_patch_embedding(t2v, in_channels: int):
+    """An I2V expert initialised from a T2V one: the extra condition channels start with zero weights."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = {k: v for k, v in t2v.config.items() if not k.startswith("_")}
+    i2v = WanTransformer3DModel(**{**cfg, "in_channels": in_channels})
+    state = t2v.state_dict()
+    w = state["patch_embedding.weight"]
+    state["patch_embedding.weight"] = torch.cat([w, w.new_zeros(w.shape[0], in_channels - w.shape[1], *w.shape[2:])], 1)
+    i2v.load_state_dict(state)
+    return i2v
+
+
+# ---- sampling with the pipeline's own stage functions (for the report at the end of training) -------------------
+
+@torch.no_grad()
+def generate(parts: dict, task: str, prompt: str, seed: int, size: int, frames: int, steps: int = 8,
+             guide: tuple[float, float] = (4.0, 3.0), shift: float = 5.0, image=None) -> np.ndarray:
+    """One video [F, H, W, 3] uint8, computed the way the staged pipeline computes it."""
+    from ..stages.decode import decode_latents, to_uint8
+    from ..stages.denoise import denoise_steps, initial_noise
+    from ..stages.image import encode_image_condition
+    from ..stages.schedule import make_scheduler, split_index
+    from ..stages.text import encode_text
+    from .tiny import BOUNDARY, SCHEDULER_CONFIG
+
+    ctx, _ = encode_text(parts["tokenizer"], parts["text_encoder"], prompt, 512)
+    null, _ = encode_text(parts["tokenizer"], parts["text_encoder"], "", 512)
+    cond = encode_image_condition(parts["vae"], image, frames) if image is not None else None
+    schedule = {"kind": "unipc", "infer_steps": steps, "shift": shift, "boundary": BOUNDARY[task],
+                "scheduler_config": SCHEDULER_CONFIG}
+    sched = make_scheduler(schedule)
+    split = split_index(schedule, sched.timesteps)
+    latents = initial_noise(seed, (1, 16, (frames - 1) // 4 + 1, size // 8, size // 8))
+    latents = denoise_steps(parts[task]["high"], sched, latents, range(0, split), ctx, null, guide[0], cond=cond)
+    latents = denoise_steps(parts[task]["low"], sched, latents, range(split, steps), ctx, null, guide[1], cond=cond)
+    return to_uint8(decode_latents(parts["vae"], latents))
+
+
+def report(parts: dict, recipe: Recipe, log: Log, seeds: int = 5, tasks=("t2v", "i2v")) -> dict[str, float]:
+    """Share of held-out prompts x seeds whose video has the prompt's colour and direction."""
+    from PIL import Image
+
+    rates = {}
+    for task in tasks:
+        ok = []
+        for k, combo in enumerate(HELD_OUT):
+            image = None
+            if task == "i2v":
+                clip = stage_clip(*combo, rng=np.random.default_rng(1000 + k), size=recipe.video_size)
+                image = Image.fromarray(render(clip, recipe.video_size, 1)[0][0])
+            for seed in range(seeds):
+                video = generate(parts, task, caption(*combo), seed, recipe.video_size, recipe.frames, image=image)
+                ok.append(matches(describe_video(video), combo[0], combo[2]))
+        rates[task] = sum(ok) / len(ok)
+    log(f"held-out prompts following the prompt: {rates}")
+    return rates
+
+
+def load_parts(folder: Path) -> dict:
+    """The trained components from a saved model folder (for `--eval`)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    parts = {"tokenizer": AutoTokenizer.from_pretrained(folder / "t2v" / "tokenizer"),
+             "text_encoder": UMT5EncoderModel.from_pretrained(folder / "t2v" / "text_encoder").eval(),
+             "vae": AutoencoderKLWan.from_pretrained(folder / "t2v" / "vae").eval()}
+    for task in ("t2v", "i2v"):
+        parts[task] = {name: WanTransformer3DModel.from_pretrained(folder / task / sub).eval()
+                       for name, sub in (("high", "transformer"), ("low", "transformer_2"))}
+    return parts
+
+
+# ---- the whole run ---------------------------------------------------------------------------------------------
+
+def save_models(out: Path, tokenizer, encoder, vae, experts: dict[str, dict[str, torch.nn.Module]]) -> None:
+    """Both models in the diffusers layout (each folder complete, like the real Wan-AI/*-Diffusers repos)."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+
+    from .tiny import BOUNDARY, SCHEDULER_CONFIG
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for task, cls in (("t2v", WanPipeline), ("i2v", WanImageToVideoPipeline)):
+            pipe = cls(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
+                       scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG), transformer=experts[task]["high"],
+                       transformer_2=experts[task]["low"], boundary_ratio=BOUNDARY[task])
+            pipe.save_pretrained(tmp / task, safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Phases:
+    """Optional checkpoints of finished phases in a work folder (`--work`), keyed by everything that phase
+    depends on, so a re-run with later phases changed resumes instead of starting over."""
+
+    def __init__(self, work: Path | None, recipe: Recipe, log: Log) -> None:
+        self.work, self.recipe, self.log = work, recipe, log
+
+    def run(self, name: str, fields: tuple[str, ...], extra: dict, compute, restore):
+        if self.work is None:
+            return compute()
+        data = {"palette": PALETTE, "radius": SHAPE_RADIUS, "travel": TRAVEL, "held_out": HELD_OUT}
+        key = json.dumps({"fields": {f: getattr(self.recipe, f) for f in fields}, "data": data, **extra},
+                         sort_keys=True)
+        path = self.work / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+        if path.is_file():
+            self.log(f"{name}: resumed from {path}")
+            return restore(torch.load(path, weights_only=True))
+        result = compute()
+        self.work.mkdir(parents=True, exist_ok=True)
+        torch.save(_state_of(result), path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        return result
+
+
+def _state_of(obj):
+    if isinstance(obj, torch.nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        return {k: _state_of(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_state_of(v) for v in obj)
+    return obj
+
+
+def _load(module: torch.nn.Module, state) -> torch.nn.Module:
+    module.load_state_dict(state)
+    return module.eval().requires_grad_(False)
+
+
+VAE_FIELDS = ("size", "frames", "clips", "vae_image_steps", "vae_image_batch", "vae_steps", "vae_batch", "vae_frames", "vae_crop", "vae_lr", "vae_kl", "vae_noise", "seed")
+LATENT_FIELDS = VAE_FIELDS + ("video_size", "dit_clips", "i2v_clips")
+T2V_FIELDS = LATENT_FIELDS + ("dit_steps", "dit_batch", "dit_lr", "t5_lr", "ema", "p_uncond", "shift")
+I2V_FIELDS = T2V_FIELDS + ("i2v_steps",)
+
+
+def train(recipe: Recipe, out: Path, work: Path | None = None, device: str = "cpu") -> None:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .tiny import BOUNDARY, DIT_CONFIG, T5_CONFIG, VAE_CONFIG, build_tokenizer
+
+    # On CUDA a few backward kernels have no deterministic variant: warn there rather than stop
+    torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
+    log = Log()
+    phases = Phases(work, recipe, log)
+    log(f"recipe {json.dumps(asdict(recipe))} on {device}")
+    vae_clips = sample_clips(recipe.clips, recipe.seed, recipe.size)
+
+    def vae_phase():
+        return {"vae": train_vae(recipe, vae_clips, log)}
+
+    def vae_restore(state):
+        return {"vae": _load(AutoencoderKLWan(**VAE_CONFIG), state["vae"])}
+
+    vae = phases.run("vae", VAE_FIELDS, {"vae": VAE_CONFIG}, vae_phase, vae_restore)["vae"]
+    # the denoisers' own clips (stage_clip): their latents, their statistics (the VAE's normalisation, what the
+    # pipelines use) and the I2V first-frame conditions, encoded once (CPU, minutes; kept by --work)
+    clips = sample_clips(recipe.dit_clips, recipe.seed + 5, recipe.video_size, place=stage_clip)
+    stage = {"vae": VAE_CONFIG, "stage": [STAGE_RADIUS, STAGE_TRAVEL, STAGE_JITTER]}
+
+    def latents_phase():
+        raw = encode_latents(vae, clips, recipe)
+        dims = (0, 2, 3, 4)  # the conditions are normalised like the latents (encode_conditions reads these)
+        vae.register_to_config(latents_mean=[round(v, 5) for v in raw.mean(dims).tolist()],
+                               latents_std=[round(v, 5) for v in raw.std(dims).tolist()])
+        return {"raw": raw, "cond": encode_conditions(vae, clips[:recipe.i2v_clips], recipe)}
+
+    data = phases.run("latents", LATENT_FIELDS, stage, latents_phase, lambda state: state)
+    raw, cond = data["raw"], data["cond"]
+    dims = (0, 2, 3, 4)
+    mean, std = raw.mean(dims), raw.std(dims)
+    vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()],
+                           latents_std=[round(v, 5) for v in std.tolist()])
+    m = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    s = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    latents = ((raw - m) / s).to(device)
+    cond = cond.to(device)
+    log(f"latents {tuple(latents.shape)}: |mean| {mean.abs().mean():.3f} avg, std {std.min():.3f}..{std.max():.3f}")
+
+    tokenizer = build_tokenizer(Path(tempfile.mkdtemp()))
+    torch.manual_seed(recipe.seed + 10)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **T5_CONFIG)).eval().to(device)
+    captions = sorted({c.caption for c in clips})
+    bank = TextBank(tokenizer, captions, negative="", text_len=512)
+    rows = torch.tensor([captions.index(c.caption) for c in clips])
+
+    def new_expert(seed: int):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(**DIT_CONFIG).to(device)
+
+    def t2v_phase():
+        experts = {"high": new_expert(recipe.seed + 20), "low": new_expert(recipe.seed + 21)}
+        log(f"T2V experts: {sum(p.numel() for p in experts['high'].parameters())} parameters each; compact "
+            f"context check {check_compact_context(experts['high'], bank, encoder, latents, None):.2e}")
+        train_experts(recipe, experts, BOUNDARY["t2v"], bank, encoder, rows, latents, None, recipe.dit_steps,
+                      recipe.seed + 30, log, train_text=True)
+        return {"experts": experts, "text_encoder": encoder}
+
+    def t2v_restore(state):
+        _load(encoder, state["text_encoder"])
+        return {"experts": {k: _load(new_expert(0), v) for k, v in state["experts"].items()}, "text_encoder": encoder}
+
+    arch = {**stage, "dit": DIT_CONFIG, "t5": T5_CONFIG}
+    t2v = phases.run("t2v", T2V_FIELDS, arch, t2v_phase, t2v_restore)["experts"]
+
+    def i2v_phase():
+        experts = {name: extend_patch_embedding(t2v[name], 36) for name in ("high", "low")}
+        log(f"I2V: {cond.shape[0]} conditions; compact context check "
+            f"{check_compact_context(experts['high'], bank, encoder, latents, cond):.2e}")
+        train_experts(recipe, experts, BOUNDARY["i2v"], bank, encoder, rows[:len(cond)], latents[:len(cond)], cond,
+                      recipe.i2v_steps, recipe.seed + 40, log, train_text=False)
+        return experts
+
+    def i2v_restore(state):
+        return {k: _load(extend_patch_embedding(t2v[k], 36), v) for k, v in state.items()}
+
+    i2v = phases.run("i2v", I2V_FIELDS, arch, i2v_phase, i2v_restore)
+
+    parts = {"tokenizer": tokenizer, "text_encoder": encoder.cpu(), "vae": vae,
+             "t2v": {k: v.cpu() for k, v in t2v.items()}, "i2v": {k: v.cpu() for k, v in i2v.items()}}
+    save_models(out, tokenizer, parts["text_encoder"], vae, {"t2v": parts["t2v"], "i2v": parts["i2v"]})
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log(f"saved {out} ({size / 2**20:.1f} MiB)")
+    if recipe.report_seeds:
+        report(parts, recipe, log, seeds=recipe.report_seeds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "tiny_weights"))
+    p.add_argument("--quick", action="store_true", help="a few steps of every phase (smoke run)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe fields")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the shipped weights used 1)")
+    p.add_argument("--work", default=None, help="keep finished phases here and resume from them")
+    p.add_argument("--device", default="cpu", help="where the denoisers train (cuda: the same recipe, faster)")
+    p.add_argument("--eval", action="store_true", help="only report how well the model in --out follows prompts")
+    args = p.parse_args(argv)
+    recipe = QUICK if args.quick else Recipe()
+    for item in args.set:
+        key, value = item.split("=", 1)
+        recipe = replace(recipe, **{key: type(getattr(recipe, key))(value)})
+    # One thread: float sums then do not depend on the machine's core count, and on a shared machine
+    # two OpenMP threads spin at every barrier while the other is descheduled (measured 10x slower).
+    torch.set_num_threads(args.threads)
+    if args.eval:
+        report(load_parts(Path(args.out)), recipe, Log())
+    else:
+        train(recipe, Path(args.out), Path(args.work) if args.work else None, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
