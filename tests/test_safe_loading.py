@@ -111,11 +111,6 @@ def test_the_package_never_unpickles_except_through_weights_only_torch_load():
     assert not offenders, offenders
 
 
-# Files that may call torch.load themselves (still weights_only=True, see the test above): the tiny model's
-# trainer, a developer tool that reloads the resume file it wrote itself, never a user's checkpoint.
-OWN_FILES_ONLY = {"pipeline/models/train_tiny.py"}
-
-
 def test_pth_loading_goes_through_one_helper():
     """Every checkpoint .pth is read by pipeline/models/checkpoint.py's load_pth; no other loader calls
     torch.load."""
@@ -124,7 +119,7 @@ def test_pth_loading_goes_through_one_helper():
         tree = ast.parse(py.read_text(encoding="utf-8"))
         if any(owner == "torch" and name == "load" for _, owner, name in _calls(tree)):
             where.add(str(py.relative_to(REPO)))
-    assert where - OWN_FILES_ONLY == {"pipeline/models/checkpoint.py"}, where
+    assert where == {"pipeline/models/checkpoint.py"}, where
 
 
 # ------------------------------------------------------------------------------ where a run may write

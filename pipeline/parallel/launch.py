@@ -77,7 +77,7 @@ class RankGroupProcess:
         os.mkfifo(self.folder / COMMANDS)
         # Opened read-write so this never blocks; not inherited (PEP 446), so the ranks see EOF when we close
         # it or die.
-        self.fifo = os.open(self.folder / COMMANDS, os.O_RDWR)
+        self.fifo: int | None = os.open(self.folder / COMMANDS, os.O_RDWR)
         self.log_file = self.folder / "ranks.log"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
@@ -123,8 +123,11 @@ class RankGroupProcess:
         raise StageFailed(f"parallel denoise ({self.layout.as_dict()}) failed: {message}")
 
     def close(self, kill: bool = False, timeout_s: float = 60.0) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fifo)  # EOF for rank 0: the ranks leave their loop and exit
+        """End the group; safe to call again (a failed task closes it, the next task or exit finds it dead)."""
+        if self.fifo is not None:  # once: a second os.close could hit an unrelated file that reused the number
+            with contextlib.suppress(OSError):
+                os.close(self.fifo)  # EOF for rank 0: the ranks leave their loop and exit
+            self.fifo = None
         if kill and self.alive():
             self.proc.terminate()
         try:
@@ -166,7 +169,6 @@ def close_groups() -> None:
 
 def run_denoise_parallel(spec: StageSpec, store: ArtifactStore, run_id: str,
                          on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    global _GROUP
     layout = ParallelLayout.from_runtime(spec.runtime)
     device = torch.device(spec.runtime["device"])
     if device.type == "cuda":
@@ -175,14 +177,8 @@ def run_denoise_parallel(spec: StageSpec, store: ArtifactStore, run_id: str,
             raise StageFailed(f"parallel {layout.as_dict()} needs {layout.world} GPUs, this worker sees {visible} "
                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
         _free_gpu_models()
-    with _LOCK:  # one task at a time per group
-        group = _group(layout, device.type)
-        try:
-            group.run(spec, store, run_id, on_step)
-        except BaseException:
-            if _GROUP is group:
-                _GROUP = None
-            raise
+    with _LOCK:  # one task at a time per group; a group that failed is closed and replaced by _group
+        _group(layout, device.type).run(spec, store, run_id, on_step)
     ok, reason = store.check(spec.ref)
     if not ok:
         raise StageFailed(f"the parallel denoise ranks reported success but the artifact is not usable: {reason}")
