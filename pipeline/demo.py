@@ -24,13 +24,13 @@ DEMO_ROWS = [
 
 
 def draw_first_frame(path: Path, size: int = 128) -> None:
-    """A white circle near the top of a green frame, where the training clips of one moving down start (the
+    """A white circle near the top of a green frame, with room below it to move down (the
     pipeline scales the image to the model's size)."""
     import numpy as np
 
-    from .models.train_tiny import render, stage_clip
+    from .models.train_tiny import dit_clip, render
 
-    clip = stage_clip("white", "circle", "down", "green", rng=np.random.default_rng(0), size=size)
+    clip = dit_clip("white", "circle", "down", "green", rng=np.random.default_rng(0), size=size)
     with atomic_path(path) as tmp:
         Image.fromarray(render(clip, size, 1)[0][0]).save(tmp, format="PNG")
 

@@ -30,9 +30,12 @@ _WORDS = (
     "mountain forest street car person walking running flying slowly quickly camera video photo"
 ).split()
 
+# One token per latent pixel (patch 1x1x1; Wan's is 1x2x2): on a 64x64 video the shape moves about one latent
+# pixel per latent frame, and 2x2 patches left the motion below the token grid. Heads of 32 channels give RoPE
+# five frequencies per spatial axis (16-channel heads had two).
 DIT_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=16, in_channels=16, out_channels=16,
-    text_dim=TEXT_DIM, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
+    patch_size=(1, 1, 1), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+    text_dim=TEXT_DIM, freq_dim=256, ffn_dim=512, num_layers=4, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
 )
 VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
