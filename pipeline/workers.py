@@ -130,10 +130,7 @@ def worker_command(batch: BatchSpec, scheduler: Scheduler, gpu_per_task: int) ->
     cmd = [sys.executable, "-m", "luigi", "--module", batch.module, "RunManifest", "--manifest", batch.manifest,
            "--output-dir", batch.output_dir, "--store", batch.store, "--run-id", batch.run_id,
            "--scheduler-host", scheduler.host, "--scheduler-port", str(scheduler.port), "--workers", "1",
-           "--worker-keep-alive", "--no-lock", "--wan-batch-gpu-per-task", str(gpu_per_task),
-           # an idle worker asks for work again within 0.2 s: Luigi's default (1 s plus up to 5 s of jitter)
-           # leaves a GPU idle between tasks while the other workers take them
-           "--worker-wait-interval", "0.2", "--worker-wait-jitter", "0"]
+           "--worker-keep-alive", "--no-lock", "--wan-batch-gpu-per-task", str(gpu_per_task)]
     if batch.config:
         cmd += ["--config", batch.config]
     if batch.strict:

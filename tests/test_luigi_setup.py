@@ -44,6 +44,20 @@ def test_import_sets_local_scheduler_and_retcodes():
     assert out.stdout.split() == ["True", "30"], out.stderr
 
 
+def test_import_makes_idle_workers_poll_every_fifth_of_a_second_unless_configured(tmp_path):
+    code = "import pipeline, luigi.worker as w; c = w.worker(); print(c.wait_interval, c.wait_jitter)"
+
+    def polling(config: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                             env={**os.environ, "LUIGI_CONFIG_PATH": config})
+        return out.stdout.split() or [out.stderr]
+
+    assert polling(os.devnull) == ["0.2", "0.0"]
+    cfg = tmp_path / "luigi.cfg"
+    cfg.write_text("[worker]\nwait_interval=3\nwait_jitter=1\n")
+    assert polling(str(cfg)) == ["3.0", "1.0"]  # the user's config wins
+
+
 def test_module_tasks_works_as_well_as_module_pipeline():
     for module in ("tasks", "pipeline"):
         code = f"import {module}, luigi.task_register as r; print(r.Register.get_task_cls('RunManifest').__module__)"

@@ -101,9 +101,6 @@ def test_two_workers_on_luigid_share_one_batch(tmp_path, tiny_root):
         cmd = [sys.executable, "-m", "luigi", "--module", "pipeline", "RunManifest", "--manifest", str(manifest),
                "--config", str(config), "--store", str(store), "--output-dir", str(out), "--run-id", "shared-run",
                "--workers", "1", "--worker-keep-alive", "--no-lock", "--scheduler-host", "127.0.0.1",
-               # an idle worker asks again within 0.2 s (Luigi's default: 1 s plus up to 5 s of jitter, long
-               # enough on a fast machine for the other worker to take every task)
-               "--worker-wait-interval", "0.2", "--worker-wait-jitter", "0",
                "--scheduler-port", str(port), "--retcode-not-run", "0", "--retcode-already-running", "0"]
         for name in ("a", "b"):
             logs.append(tmp_path / f"worker-{name}.log")
