@@ -38,6 +38,8 @@ DIT_CONFIG = dict(
     text_dim=TEXT_DIM, freq_dim=256, ffn_dim=512, num_layers=4, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
 )
+# base_dim 12: on unseen clips the shape keeps its colour 99% of the time with half base 8's error (4.3/255
+# against 9.8); base 16 was no better at the same step count
 VAE_CONFIG = dict(base_dim=12, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
 T5_CONFIG = dict(d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                  relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
@@ -63,7 +65,7 @@ _digests: dict[Path, str] = {}
 
 
 def weights_digest(weights: Path = WEIGHTS) -> str:
-    """sha256 over the shipped files' relative paths and contents (~10 MB, hashed once per process)."""
+    """sha256 over the shipped files' relative paths and contents (~15 MB, hashed once per process)."""
     if weights not in _digests:
         h = hashlib.sha256()
         for f in weight_files(weights):
