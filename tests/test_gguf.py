@@ -18,9 +18,10 @@ Q = gguf.GGMLQuantizationType
 # Largest error of a dequantized weight, in units of the largest |w| of the tensor (random normal weights):
 # Q8_0 steps are amax_block/127, Q4_0 amax_block/8 (one side can clip a full step), Q4_K ~amax_subblock/15.
 QUANT_ERR = {Q.Q8_0: 0.005, Q.Q4_0: 0.13, Q.Q4_K: 0.07}
-# Staged-run tolerance: max |latent difference| over the latents' largest value. Measured on the tiny model:
-# Q8_0 1.6e-3, Q4_K_M 2.3e-2 (Q4_0 3.1e-2).
-RUN_TOL = {"Q8_0": 0.01, "Q4_K_M": 0.1}
+# Staged-run tolerance: max |latent difference| over the latents' largest value. Measured on the trained tiny
+# model (4-step CFG run): Q8_0 4.4e-2, Q4_K_M 0.33 (with the earlier random weights 1.6e-3 and 2.3e-2: a trained
+# denoiser's steps carry the rounding forward). The one-forward test below stays tight (2% / 20% of the max).
+RUN_TOL = {"Q8_0": 0.1, "Q4_K_M": 0.6}
 
 
 def _write(path, tensors: dict[str, tuple[np.ndarray, object]], shapes: dict[str, list[int]] | None = None):

@@ -36,7 +36,7 @@ def _model(src):
 
 def _manual_merge(src, lora: dict[str, torch.Tensor], strength: float, rank: int, alpha: float | None):
     """The expected weights, computed from the LightX2V-style file with plain torch."""
-    sd = standins._state(src)
+    sd = {k: v.float() for k, v in standins._state(src).items()}  # the model holds the bf16 file's values in fp32
     to_wan = {wl.dit_key_to_wan(k): k for k in sd}
     scale = (alpha / rank if alpha is not None else 1.0) * strength
     for key, down in lora.items():

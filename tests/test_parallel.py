@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.models.tiny import DIT_CONFIG
+
 from conftest import REPO, read_results, run_batch, write_config, write_manifest
 
 PROMPT = "a red circle moving left on a blue background"
-SMALL = {"num_frames": 5, "infer_steps": 2, "height": 32, "width": 32}  # 8 DiT tokens
+SMALL = {"num_frames": 5, "infer_steps": 2, "height": 32, "width": 32}  # 32 DiT tokens (2 latent frames of 4x4)
 TEXT = {"text_len": 32}
 
 
@@ -96,7 +98,8 @@ def test_worker_device_groups():
 @pytest.mark.slow
 def test_dit_sequence_and_cfg_parallel_equal_single_process(tmp_path):
     """Two gloo ranks: Ulysses (2x1) and CFG parallel (1x2) guided predictions vs one process, on the tiny
-    architecture with random weights, 9 frames at 48x64 (36 tokens)."""
+    architecture with random weights, 9 frames at 48x64: 3 latent frames of 6x8, one token per latent pixel per
+    patch."""
     out = tmp_path / "check.json"
     proc = torchrun(2, "pipeline.parallel.check", "--layouts", "2x1,1x2", "--frames", "9", "--height", "48",
                     "--width", "64", "--out", str(out))
@@ -104,7 +107,8 @@ def test_dit_sequence_and_cfg_parallel_equal_single_process(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [r["layout"] for r in results] == [{"seq_p_size": 2, "cfg_p_size": 1}, {"seq_p_size": 1, "cfg_p_size": 2}]
     for r in results:
-        assert r["tokens"] == 3 * 3 * 4 and r["ref_abs_max"] > 0.1
+        _, ph, pw = DIT_CONFIG["patch_size"]
+        assert r["tokens"] == 3 * (6 // ph) * (8 // pw) and r["ref_abs_max"] > 0.1
         assert r["max_rel_diff"] <= 1e-6, r
 
 
@@ -151,16 +155,17 @@ def test_torchrun_denoise_gives_the_same_video(single_run, tmp_path, layout):
 
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_row_with_its_reason(tmp_path, tiny_root):
-    """9 DiT tokens (1 frame at 48x48) do not split over 2 ranks: the row fails, naming why; the batch
-    still writes results.parquet."""
+    """seq_p_size=3 divides neither the tiny model's 4 heads nor the 16 DiT tokens of 1 frame at 32x32 (4x4 latent
+    pixels, one token each): the row fails, naming why; the batch still writes results.parquet. (Sizes are
+    multiples of 16 and the patch is 1x1, so every video's token count is even: 2 ranks always divide it.)"""
     manifest = write_manifest(tmp_path / "m.parquet", [{"job_id": "odd", "prompt": PROMPT, "seed": 1,
-                                                        "num_frames": 1, "height": 48, "width": 48,
+                                                        "num_frames": 1, "height": 32, "width": 32,
                                                         "infer_steps": 2}])
-    config = write_config(tmp_path / "c.json", parallel={"seq_p_size": 2}, **TEXT)
+    config = write_config(tmp_path / "c.json", parallel={"seq_p_size": 3}, **TEXT)
     assert not run_batch(manifest, tmp_path, config=config)
     row = read_results(tmp_path / "outputs")["odd"]
     assert row["status"] == "failed"
-    assert "seq_p_size=2 must divide the video's 9 DiT tokens" in row["error"]
+    assert "seq_p_size=3 must divide the model's 4 attention heads and the video's 16 DiT tokens" in row["error"]
 
 
 # -- data parallel: wan-batch workers ------------------------------------------------------------------------

@@ -20,8 +20,11 @@ from pipeline.models.quant import ScaledLinear
 
 FP8 = torch.float8_e4m3fn
 # Staged-run tolerance of a quantized DiT against its float weights: max |latent difference| over the latents'
-# largest value. Measured on the tiny model (4-step and 40-step CFG runs alike): fp8 2.7e-3, int8 4e-4.
-RUN_TOL = {"fp8": 0.02, "int8": 0.005}
+# largest value. Measured on the trained tiny model (4-step distilled run): fp8 4.8e-2, int8 2.0e-2. With the
+# earlier random weights they were 2.7e-3 and 4e-4: a trained denoiser's steps carry a weight's rounding into
+# the next step's input, and the max over elements finds the largest such change. The one-forward test below
+# stay tight.
+RUN_TOL = {"fp8": 0.1, "int8": 0.05}
 
 
 def _config(folder) -> dict:
