@@ -30,10 +30,11 @@ Where it runs: `--device cuda` is the way (one H100: VAE 210 s, latents 53 s, T2
 keeps finished phases, so the run can be split over several sessions). On a CPU every phase works (`--quick`
 is a smoke run in about a minute) but the full recipe would take many hours.
 
-Deterministic: fixed seeds, fixed data order, deterministic kernels, and every random choice of data drawn on
-the CPU. The same torch version on the same kind of device gives the same weights (the VAE phase, re-run in a
-separate session on another H100, came out byte-identical). The experts are saved in bf16 (the modules
-diffusers keeps in fp32 stay fp32), as the Wan-AI/*-Diffusers repos ship them.
+Deterministic: fixed seeds, fixed data order, deterministic kernels; samples and noise levels are drawn on
+the CPU, the noise by a seeded generator on the device. The same torch version on the same kind of device gives
+the same weights (the VAE phase, re-run in a separate session on another H100, came out byte-identical). The
+experts are saved in bf16 (the modules diffusers keeps in fp32 stay fp32), as the Wan-AI/*-Diffusers repos ship
+them.
 """
 from __future__ import annotations
 
@@ -262,7 +263,7 @@ class Recipe:
     dit_lr: float = 2e-3
     dit_bf16: int = 0  # 1: the denoisers' forward passes under bf16 autocast on CUDA (the weights stay fp32)
     t5_lr: float = 1e-3
-    i2v_steps: int = 400
+    i2v_steps: int = 1000
     ema: float = 0.995
     p_uncond: float = 0.1
     p_anchor: float = 0.5  # T2V samples with one latent frame less noisy than the rest (see anchor_sigmas)
