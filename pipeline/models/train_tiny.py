@@ -382,9 +382,9 @@ def train_vae(recipe: Recipe, clips: list[Clip], log: Log, device: str = "cpu"):
 
 
 @torch.no_grad()
-def vae_fidelity(vae, size: int, n: int = 96) -> dict[str, float]:
+def vae_fidelity(vae, size: int, n: int = 96) -> dict:
     """How faithfully the VAE passes the denoisers' clips through (encode, decode): the share whose shape keeps
-    its palette colour (a vote over its fully covered pixels, as describe_video reads it) and the mean abs
+    its palette colour (dominant_colour over the pixels the shape fully covers) and the mean abs
     error in 0..255, on n unseen clips plus the held-out ones. The I2V first frame is only as right as this."""
     clips = sample_clips(n, 777, size, place=dit_clip)
     clips += [dit_clip(*c, rng=np.random.default_rng(1000 + k), size=size) for k, c in enumerate(HELD_OUT)]
@@ -679,9 +679,11 @@ def extend_patch_embedding(t2v, in_channels: int):
 # ---- sampling with the pipeline's own stage functions (for the report at the end of training) -------------------
 
 @torch.no_grad()
-def generate(parts: dict, task: str, prompt: str, seed: int, size: int, frames: int, steps: int = 8,
-             guide: tuple[float, float] = (4.0, 3.0), shift: float = 5.0, image=None) -> np.ndarray:
-    """One video [F, H, W, 3] uint8, computed the way the staged pipeline computes it."""
+def generate(parts: dict, task: str, prompt: str, seed: int, size: int, frames: int, steps: int | None = None,
+             guide: tuple[float, float] | None = None, shift: float | None = None, image=None) -> np.ndarray:
+    """One video [F, H, W, 3] uint8, computed the way the staged pipeline computes it; steps, guidance, shift
+    and text length default to the tiny model's own config (what the demo and the tests run)."""
+    from ..config import load_config
     from ..stages.decode import decode_latents, to_uint8
     from ..stages.denoise import denoise_steps, initial_noise
     from ..stages.image import encode_image_condition
@@ -689,8 +691,12 @@ def generate(parts: dict, task: str, prompt: str, seed: int, size: int, frames: 
     from ..stages.text import encode_text
     from .tiny import BOUNDARY, SCHEDULER_CONFIG
 
-    ctx, _ = encode_text(parts["tokenizer"], parts["text_encoder"], prompt, 512)
-    null, _ = encode_text(parts["tokenizer"], parts["text_encoder"], "", 512)
+    config = load_config(None)
+    steps = steps or config["infer_steps"]
+    guide = guide or tuple(config["sample_guide_scale"])
+    shift = shift or config["sample_shift"]
+    ctx, _ = encode_text(parts["tokenizer"], parts["text_encoder"], prompt, config["text_len"])
+    null, _ = encode_text(parts["tokenizer"], parts["text_encoder"], "", config["text_len"])
     cond = encode_image_condition(parts["vae"], image, frames) if image is not None else None
     schedule = {"kind": "unipc", "infer_steps": steps, "shift": shift, "boundary": BOUNDARY[task],
                 "scheduler_config": SCHEDULER_CONFIG}
@@ -703,13 +709,15 @@ def generate(parts: dict, task: str, prompt: str, seed: int, size: int, frames: 
 
 
 def report(parts: dict, recipe: Recipe, log: Log, seeds: int = 5, tasks=("t2v", "i2v"),
-           steps: tuple[int, ...] = (20,)) -> dict[str, float]:
+           steps: tuple[int | None, ...] = (None,)) -> dict[str, float]:
     """Share of held-out prompts x seeds whose video has the prompt's colour and direction (and, logged, how
-    often each of colour, direction and background alone is right)."""
+    often each of colour, direction and background alone is right); `steps` None: the tiny config's."""
     from PIL import Image
 
+    from ..config import load_config
+
     rates = {}
-    for n in steps:
+    for n in (n or load_config(None)["infer_steps"] for n in steps):
         for task in tasks:
             got = {"all": [], "colour": [], "direction": [], "background": []}
             for k, combo in enumerate(HELD_OUT):
@@ -830,6 +838,16 @@ def _nest(flat: dict[str, torch.Tensor]) -> dict:
     return out
 
 
+def set_latent_statistics(vae, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean/std of raw latents [N, C, T, H, W] into the VAE's config (`latents_mean`/`latents_std`,
+    rounded as written to config.json), which is the normalisation the pipelines apply; returns them."""
+    dims = (0, 2, 3, 4)
+    mean, std = raw.mean(dims), raw.std(dims)
+    vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()],
+                           latents_std=[round(v, 5) for v in std.tolist()])
+    return mean, std
+
+
 def _load(module: torch.nn.Module, state) -> torch.nn.Module:
     module.load_state_dict(state)
     return module.eval().requires_grad_(False)
@@ -888,19 +906,14 @@ def train(recipe: Recipe, out: Path, work: Path | None = None, device: str = "cp
     def latents_phase():
         vae.to(device)
         raw = encode_latents(vae, clips, recipe, batch=32 if device == "cpu" else 128, workers=workers)
-        dims = (0, 2, 3, 4)  # the conditions are normalised like the latents (encode_conditions reads these)
-        vae.register_to_config(latents_mean=[round(v, 5) for v in raw.mean(dims).tolist()],
-                               latents_std=[round(v, 5) for v in raw.std(dims).tolist()])
+        set_latent_statistics(vae, raw)  # the conditions are normalised like the latents
         cond = encode_conditions(vae, clips[:recipe.i2v_clips], recipe)
         vae.cpu()
         return {"raw": raw, "cond": cond}
 
     data = phases.run("latents", LATENT_FIELDS, stage, latents_phase, lambda state: state)
     raw, cond = data["raw"], data["cond"]
-    dims = (0, 2, 3, 4)
-    mean, std = raw.mean(dims), raw.std(dims)
-    vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()],
-                           latents_std=[round(v, 5) for v in std.tolist()])
+    mean, std = set_latent_statistics(vae, raw)  # again: a resumed latents phase did not set them
     m = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     s = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     latents = ((raw - m) / s).to(device)
