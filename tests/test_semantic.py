@@ -114,14 +114,16 @@ def test_i2v_starts_from_the_image_and_follows_prompt(i2v_videos):
     videos, images = i2v_videos
     for key, frames in videos.items():
         err = np.abs(frames[0].astype(np.float32) - images[key].astype(np.float32)).mean()
-        # mean abs error in 0..255: H.264 (4:2:0 chroma) plus a VAE of 476k parameters with soft edges
-        assert err < 32.0, (key, err)
+        # mean abs error in 0..255: H.264 plus a VAE of 476k parameters (measured 4.1-6.7 on the shipped model)
+        assert err < 12.0, (key, err)
         first, given = T.describe_video(frames[:1].repeat(2, 0)), T.describe_video(images[key][None].repeat(2, 0))
         assert first["background"] == given["background"], (key, first, given)
         assert first["colour"] == given["colour"], (key, first, given)
-    # the direction comes from the prompt alone (the image shows where the shape is, not where it goes)
-    moved = [T.describe_video(videos[job_id("i2v", c, s)])["direction"] == c[2] for c in I2V_CAPTIONS for s in I2V_SEEDS]
-    assert np.mean(moved) >= PASS_RATE, moved
+    # the direction comes from the prompt alone (the image shows where the shape is, not where it goes); each
+    # caption on its own (measured: every seed of every caption)
+    for c in I2V_CAPTIONS:
+        moved = [T.describe_video(videos[job_id("i2v", c, s)])["direction"] == c[2] for s in I2V_SEEDS]
+        assert np.mean(moved) >= PASS_RATE, (c, moved)
 
 
 # ---- the check guards the pipeline: three bugs, each must make it fail ------------------------------------------
