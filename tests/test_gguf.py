@@ -3,6 +3,8 @@ quantized, dequantized per layer; Q8_0 / Q4_0 / Q4_K files written with gguf.GGU
 float weights within the quant error; every type the gguf package can dequantize loads."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -18,10 +20,12 @@ Q = gguf.GGMLQuantizationType
 # Largest error of a dequantized weight, in units of the largest |w| of the tensor (random normal weights):
 # Q8_0 steps are amax_block/127, Q4_0 amax_block/8 (one side can clip a full step), Q4_K ~amax_subblock/15.
 QUANT_ERR = {Q.Q8_0: 0.005, Q.Q4_0: 0.13, Q.Q4_K: 0.07}
-# Staged-run tolerance: max |latent difference| over the latents' largest value. Measured on the trained tiny
-# model (4-step CFG run): Q8_0 4.4e-2, Q4_K_M 0.33 (with the earlier random weights 1.6e-3 and 2.3e-2: a trained
-# denoiser's steps carry the rounding forward). The one-forward test below stays tight (2% / 20% of the max).
-RUN_TOL = {"Q8_0": 0.1, "Q4_K_M": 0.6}
+# Staged run from GGUF experts against the float experts' run: |latent difference| over |latents| (root mean
+# square). Measured on the shipped tiny model (4-step CFG run): Q8_0 0.045, Q4_K_M 0.57: guidance multiplies the
+# rounding at every step, and 4 bits on 128-wide rows change the tiny video outright. The same run against
+# the GGUF files' own weights dequantized (what the GGUF path must compute) is held to float rounding, and
+# the one-forward test below stays tight (2% / 20% of the max).
+RUN_TOL = {"Q8_0": 0.1, "Q4_K_M": 1.0}
 
 
 def _write(path, tensors: dict[str, tuple[np.ndarray, object]], shapes: dict[str, list[int]] | None = None):
@@ -141,10 +145,33 @@ def test_gguf_expert_builds_with_quantized_layers(tmp_path, tiny_root, quant):
     assert 0 < max_diff(y, y_ref) < {"Q8_0": 0.02, "Q4_K_M": 0.2}[quant] * float(y_ref.abs().max())
 
 
+def dequantized_model(model: Path, experts: dict[str, Path], out: Path) -> Path:
+    """A copy of the diffusers model folder `model` whose experts (subfolder -> GGUF file) hold the GGUF
+    weights dequantized to float32: what a run from the GGUF files must compute."""
+    import json
+    import shutil
+
+    from pipeline.models.dit import _set_module
+
+    shutil.copytree(model, out)
+    for sub, path in experts.items():
+        cfg = {k: v for k, v in json.loads((model / sub / "config.json").read_text()).items() if not k.startswith("_")}
+        dit = build_dit(cfg, DitWeights(path), torch.float32)
+        for name, layer in [(n, m) for n, m in dit.named_modules() if isinstance(m, GGUFLinear)]:
+            plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            plain.weight.data = layer.dequantized()
+            if layer.bias is not None:
+                plain.bias.data = layer.bias.data.float()
+            _set_module(dit, name, plain)
+        shutil.rmtree(out / sub)
+        dit.save_pretrained(out / sub, safe_serialization=True)
+    return out
+
+
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
 def test_staged_run_from_gguf_experts_is_within_tolerance(tmp_path, tiny_root, baselines, wan_i2v, first_frame, quant):
     """wan_moe_i2v_gguf_*.json: GGUF experts over Wan's layout (json-only expert folders would do), against the
-    float model's run."""
+    run of their dequantized weights (float rounding apart) and the float model's run (quantization error)."""
     base = baselines("i2v-cfg")
     for expert, sub in (("high", "transformer"), ("low", "transformer_2")):
         standins.write_gguf_expert(tiny_root / "i2v" / sub, tmp_path / f"{expert}.gguf", quant)
@@ -152,5 +179,9 @@ def test_staged_run_from_gguf_experts_is_within_tolerance(tmp_path, tiny_root, b
                                       "dit_quant_scheme": f"gguf-{quant}",
                                       "high_noise_quantized_ckpt": str(tmp_path / "high.gguf"),
                                       "low_noise_quantized_ckpt": str(tmp_path / "low.gguf")}, first_frame)
-    diff = max_diff(q["latents"], base["latents"]) / float(base["latents"].abs().max())
+    ref = dequantized_model(tiny_root / "i2v", {"transformer": tmp_path / "high.gguf",
+                                                "transformer_2": tmp_path / "low.gguf"}, tmp_path / "dequantized")
+    exact = staged_run(tmp_path / "exact", {**CFG_RUN, "model_path": str(ref)}, first_frame)
+    assert max_diff(q["latents"], exact["latents"]) <= 1e-5 * float(exact["latents"].abs().max())
+    diff = float((q["latents"] - base["latents"]).norm() / base["latents"].norm())
     assert 0 < diff < RUN_TOL[quant]

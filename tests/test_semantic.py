@@ -3,8 +3,8 @@ RunManifest -> MP4 files), and breaking the pipeline on purpose makes that check
 
 Prompts are captions the model never saw in training (train_tiny.HELD_OUT). A video passes when the colour of
 its moving shape and the direction its centroid moves (read back from the MP4) are the prompt's. The bar is
-80% of all held-out T2V prompts x 20 seeds together, and no prompt below 40% (measured on the shipped model:
-70 of 80 videos: red-left, yellow-up and white-down 20/20, green-right 10/20).
+80% of the 20 seeds of each held-out T2V prompt (measured on the shipped model: red-left and white-down 20/20,
+green-right and yellow-up 19/20).
 """
 from __future__ import annotations
 
@@ -100,8 +100,7 @@ def test_reader_recognises_drawn_clips():
 
 def test_t2v_follows_held_out_prompts(t2v_videos):
     rates = {T.caption(*c): pass_rate(t2v_videos, "t2v", c, T2V_SEEDS) for c in T2V_CAPTIONS}
-    assert np.mean(list(rates.values())) >= PASS_RATE, rates
-    assert min(rates.values()) >= 0.4, rates  # no prompt is ignored (the weakest, green-right, measured 50%)
+    assert min(rates.values()) >= PASS_RATE, rates  # each prompt on its own, not only on average
 
 
 def test_t2v_background_follows_prompt(t2v_videos):
