@@ -6,7 +6,7 @@ the faster settings, in one process on the same data.
 
 A step is what the trainer runs: both experts forward and backward at `dit_batch`, the UMT5 encoder with them,
 AdamW and the EMA. The baseline is the recipe the first shipped weights were trained with (eager, TF32
-matmuls); the ratio is its time per sample over the variant's. Latents are random (the step's cost does not
+matmuls, flash attention); the ratio is its time per sample over the variant's. Latents are random (the step's cost does not
 depend on them), so no VAE is needed.
 """
 from __future__ import annotations
@@ -22,11 +22,12 @@ import torch
 
 from pipeline.models import train_tiny as T
 
-VARIANTS = (  # (name, dit_bf16, dit_compile)
-    ("eager tf32", 0, 0),
-    ("eager bf16", 1, 0),
-    ("compiled tf32", 0, 1),
-    ("compiled bf16", 1, 1),
+VARIANTS = (  # (name, dit_bf16, dit_compile, dit_math_attention); attention is PyTorch's pick (flash) unless "math"
+    ("eager tf32", 0, 0, 0),
+    ("eager bf16", 1, 0, 0),
+    ("compiled tf32", 0, 1, 0),
+    ("compiled bf16", 1, 1, 0),
+    ("compiled bf16 math", 1, 1, 1),  # the recipe's default
 )
 
 
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     base = T.Recipe()
     rows, baseline = [], None
     for batch in (int(b) for b in args.batches.split(",")):
-        for name, bf16, compiled in chosen:
-            recipe = replace(base, dit_batch=batch, dit_bf16=bf16, dit_compile=compiled)
+        for name, bf16, compiled, math_attention in chosen:
+            recipe = replace(base, dit_batch=batch, dit_bf16=bf16, dit_compile=compiled,
+                             dit_math_attention=math_attention)
             try:
                 ms = measure(recipe, args.device, args.steps, log)
             except Exception as exc:  # a variant that cannot run here is reported, the others still run
