@@ -1030,9 +1030,16 @@ def train(recipe: Recipe, out: Path, work: Path | None = None, device: str = "cp
 
 
 def parts_to(parts: dict, device: str) -> dict:
-    """The components on `device` (the tokenizer stays as it is)."""
-    return {k: (v if k == "tokenizer" else {n: m.to(device) for n, m in v.items()} if isinstance(v, dict)
-                else v.to(device)) for k, v in parts.items()}
+    """The components on `device` (the tokenizer stays as it is; "t2v"/"i2v" are dicts of experts)."""
+    moved = {}
+    for name, part in parts.items():
+        if name == "tokenizer":
+            moved[name] = part
+        elif isinstance(part, dict):
+            moved[name] = {expert: model.to(device) for expert, model in part.items()}
+        else:
+            moved[name] = part.to(device)
+    return moved
 
 
 def main(argv: list[str] | None = None) -> int:
