@@ -1,4 +1,4 @@
-"""GPU benchmark: one training step of the tiny model's T2V experts (pipeline.models.train_tiny), eager against
+"""GPU benchmark: one training step of the tiny model's T2V experts (tools.train_tiny), eager against
 the faster settings, in one process on the same data.
 
     python -m benchmarks.bench_train_tiny                  # on a GPU (prints a table; $OUT/train_tiny.jsonl)
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models import train_tiny as T
+from tools import train_tiny as T
 
 VARIANTS = (  # (name, dit_bf16, dit_compile, dit_math_attention); attention is PyTorch's pick (flash) unless "math"
     ("eager tf32", 0, 0, 0),
@@ -36,7 +36,7 @@ def measure(recipe: T.Recipe, device: str, steps: int, log: T.Log) -> float:
     from diffusers import WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from pipeline.models.tiny import T5_CONFIG, build_tokenizer
+    from pipeline.tiny import T5_CONFIG, build_tokenizer
 
     tokenizer = build_tokenizer(Path(tempfile.mkdtemp()))
     torch.manual_seed(0)

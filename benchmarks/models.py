@@ -27,7 +27,7 @@ FULL_VAE: dict[str, Any] = {}  # AutoencoderKLWan's defaults are the Wan2.1 VAE
 
 
 def dit_config(size: str, task: str = "t2v", layers: int | None = None) -> dict[str, Any]:
-    from pipeline.models.tiny import DIT_CONFIG
+    from pipeline.tiny import DIT_CONFIG
 
     cfg = dict(FULL_DIT if size == "full" else DIT_CONFIG)
     cfg["in_channels"] = 36 if task == "i2v" else 16
@@ -71,7 +71,7 @@ def build_dit(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, see
 def build_vae(size: str, device: torch.device, seed: int = 1) -> torch.nn.Module:
     from diffusers import AutoencoderKLWan
 
-    from pipeline.models.tiny import VAE_CONFIG
+    from pipeline.tiny import VAE_CONFIG
 
     with _building(device, torch.float32, seed):
         vae = AutoencoderKLWan(**(FULL_VAE if size == "full" else VAE_CONFIG))
@@ -81,7 +81,7 @@ def build_vae(size: str, device: torch.device, seed: int = 1) -> torch.nn.Module
 def build_t5(size: str, device: torch.device, dtype: torch.dtype, vocab: int, seed: int = 2) -> torch.nn.Module:
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from pipeline.models.tiny import T5_CONFIG
+    from pipeline.tiny import T5_CONFIG
 
     cfg = dict(FULL_T5) if size == "full" else dict(T5_CONFIG, vocab_size=vocab)
     with _building(device, dtype, seed):
@@ -120,7 +120,7 @@ def skeleton_models(root: Path, size: str, layers: int | None = None) -> dict[st
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from pipeline.models.tiny import BOUNDARY, SCHEDULER_CONFIG, T5_CONFIG, VAE_CONFIG, build_tokenizer
+    from pipeline.tiny import BOUNDARY, SCHEDULER_CONFIG, T5_CONFIG, VAE_CONFIG, build_tokenizer
 
     out = {}
     for task in ("t2v", "i2v"):
@@ -183,7 +183,7 @@ def install_random_loader(size: str, quantize: str | None, seed: int = 0):
         cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if not k.startswith("_")}
         model = build_dit(cfg, device, dtype, seed + (10 if component == "low" else 0))
         if quantize and device.type == "cuda":
-            from pipeline.models.fp8_matmul import FP8, quantize_blocks
+            from pipeline.fast.fp8_matmul import FP8, quantize_blocks
 
             quantize_blocks(model, FP8 if quantize == "fp8" else torch.int8)
         return model

@@ -116,8 +116,8 @@ def section_micro(b: Bench) -> None:
         return
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-    from pipeline.models.attention import resolve_backend
-    from pipeline.models.fp8_matmul import FP8, QuantLinear, probe
+    from pipeline.fast.attention import resolve_backend
+    from pipeline.fast.fp8_matmul import FP8, QuantLinear, probe
 
     b.emit(section="micro", kernels=probe(b.device))
     m = b.tokens("480p")
@@ -184,9 +184,9 @@ def _compare(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
 
 
 def section_dit(b: Bench) -> None:
-    from pipeline.models.accel import compile_blocks
-    from pipeline.models.attention import apply_attention
-    from pipeline.models.fp8_matmul import FP8, quantize_blocks
+    from pipeline.fast.accel import compile_blocks
+    from pipeline.fast.attention import apply_attention
+    from pipeline.fast.fp8_matmul import FP8, quantize_blocks
     from pipeline.stages.denoise import predict_noise
 
     full = b.size == "full"
@@ -306,7 +306,7 @@ def section_offload(b: Bench, model, inputs, ref, base_step_s: float) -> None:
 
 def _offload_one(b: Bench, model, xin, t, ctx, ctx_null, ref, total: int, budget_gb: int, gran: str,
                  batched: bool, reserve_gb: float, ref_s: float) -> None:
-    from pipeline.models.offload import BlockStreamer, plan_resident_units
+    from pipeline.fast.offload import BlockStreamer, plan_resident_units
     from pipeline.stages.denoise import predict_noise
 
     t0 = time.perf_counter()

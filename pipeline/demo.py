@@ -1,6 +1,6 @@
 """The demo manifest: a few T2V rows and one I2V row whose image is drawn here (no files to download).
 
-The prompts are captions the embedded tiny model never saw in training (pipeline.models.train_tiny.HELD_OUT),
+The prompts are captions the embedded tiny model never saw in training (tools.train_tiny.HELD_OUT),
 so the videos show that it follows the prompt rather than replaying a training clip. Regenerate the manifest
 with `python -m pipeline.demo`."""
 from __future__ import annotations
@@ -28,7 +28,7 @@ def draw_first_frame(path: Path, size: int = 128) -> None:
     pipeline scales the image to the model's size)."""
     import numpy as np
 
-    from .models.train_tiny import dit_clip, render
+    from .tiny.world import dit_clip, render
 
     clip = dit_clip("white", "circle", "down", "green", rng=np.random.default_rng(0), size=size)
     with atomic_path(path) as tmp:

@@ -332,7 +332,7 @@ def component_bytes(ref, component: str, run_dtype: str) -> dict[str, int]:
 def activation_bytes(values: dict[str, Any]) -> int:
     """VRAM for one DiT forward's activations: the run's activation_reserve_gb, else the 8 GiB the perf helper
     reserves for 480p x 81 frames (32,760 tokens, CFG batch of 2), scaled by this config's token count."""
-    from .models.perf import DEFAULT_ACTIVATION_RESERVE_GB
+    from .fast.perf import DEFAULT_ACTIVATION_RESERVE_GB
 
     if values.get("activation_reserve_gb"):
         return int(float(values["activation_reserve_gb"]) * GB)

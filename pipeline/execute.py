@@ -15,7 +15,7 @@ import torch
 from . import __version__, faults
 from .errors import StageFailed
 from .models.loader import ModelRef, load_component
-from .models.perf import batched_cfg, load_dit
+from .fast.perf import batched_cfg, load_dit
 from .plan import STAGE_VERSION, StageSpec
 from .runtime import MODELS, default_budget
 from .stages.decode import decode_latents, to_uint8, write_mp4

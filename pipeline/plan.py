@@ -20,7 +20,7 @@ from .config import GenerationConfig, guide_scales
 from .errors import WanBatchError
 from .manifest import Job
 from .models.loader import fingerprint, resolve_model, scheduler_config
-from .models.perf import perf_runtime
+from .fast.perf import perf_runtime
 from .runtime import resolve_device, resolve_dtype
 from .stages.schedule import make_scheduler, split_index
 from .store import ArtifactRef, cache_key

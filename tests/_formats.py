@@ -61,14 +61,14 @@ def first_frame(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wan_t2v(tmp_path_factory, tiny_root) -> Path:
     """The tiny T2V model in Wan's original layout (fp32 files, so runs can match bit for bit)."""
-    from pipeline.models.standins import write_wan_layout
+    from pipeline.testing.standins import write_wan_layout
 
     return write_wan_layout(tiny_root / "t2v", tmp_path_factory.mktemp("wan") / "Wan2.2-T2V-A14B")
 
 
 @pytest.fixture(scope="session")
 def wan_i2v(tmp_path_factory, tiny_root) -> Path:
-    from pipeline.models.standins import write_wan_layout
+    from pipeline.testing.standins import write_wan_layout
 
     return write_wan_layout(tiny_root / "i2v", tmp_path_factory.mktemp("wan") / "Wan2.2-I2V-A14B")
 

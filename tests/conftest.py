@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_root() -> Path:
-    from pipeline.models.tiny import ensure_tiny_models
+    from pipeline.tiny import ensure_tiny_models
 
     return ensure_tiny_models()
 

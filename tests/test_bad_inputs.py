@@ -417,7 +417,7 @@ def test_model_folder_not_found(tmp_path):
 
 def _single_file(tiny_root: Path, tmp: Path, edit=None) -> Path:
     """The high expert as one LightX2V-style safetensors file (Wan key names), optionally edited."""
-    from pipeline.models import standins
+    from pipeline.testing import standins
 
     path = tmp / "high.safetensors"
     standins.write_single_file(tiny_root / "t2v" / "transformer", path)
@@ -447,7 +447,7 @@ def test_broken_single_file_expert_names_the_file_or_key(tmp_path, tiny_root, ca
 
 
 def _gguf_pair(tiny_root: Path, tmp: Path) -> dict:
-    from pipeline.models import standins
+    from pipeline.testing import standins
 
     for expert, sub in (("high", "transformer"), ("low", "transformer_2")):
         standins.write_gguf_expert(tiny_root / "t2v" / sub, tmp / f"{expert}.gguf", "Q8_0")
@@ -488,7 +488,7 @@ def test_gguf_scheme_that_does_not_fit_the_file(tmp_path, tiny_root):
 def _lora_case(tiny_root: Path, tmp: Path, kind: str) -> tuple[Path, list[str]]:
     from safetensors.torch import save_file
 
-    from pipeline.models import standins
+    from pipeline.testing import standins
 
     path = tmp / f"{kind}.safetensors"
     if kind == "missing":

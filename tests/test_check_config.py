@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO
 from pipeline.cli import main as cli
-from pipeline.models.check_config import check_config
+from pipeline.check_config import check_config
 
 # The three configs of LightX2V's Wan2.2 guide (seed 000), verbatim.
 SEED_T2V_DISTILL_LORA = """{
@@ -49,7 +48,7 @@ SEED_I2V_DISTILL_QUANT = """{
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory, tiny_root):
     """<root>/models: stand-ins of every repo the configs name; <root>/configs: a copy of configs/."""
-    from pipeline.models.standins import write_standin_tree
+    from pipeline.testing.standins import write_standin_tree
 
     root = tmp_path_factory.mktemp("tree")
     write_standin_tree(root / "models")

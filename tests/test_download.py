@@ -8,7 +8,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 from pipeline.cli import main as cli
 from pipeline.errors import WanBatchError
-from pipeline.models.download import plan_download
+from pipeline.hub import plan_download
 
 # File names of Wan-AI/Wan2.2-I2V-A14B (abridged: 2 of the 6 shards per expert).
 WAN22_FILES = [

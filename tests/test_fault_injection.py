@@ -60,7 +60,7 @@ sys.path.insert(0, sys.argv[1])
 import pipeline, tasks
 from pipeline import faults
 from pipeline.commands.run import run_batch
-from pipeline.models.tiny import ensure_tiny_models
+from pipeline.tiny import ensure_tiny_models
 ensure_tiny_models()
 # Warm a pure-Python cache transformers builds on every first model load (~1 s of regexes): not a torch op.
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from _formats import DISTILL_RUN, baselines, first_frame, staged_run, wan_t2v  # noqa: F401
-from pipeline.models import standins
+from pipeline.testing import standins
 
 
 def _singles(tiny_root, out, dtype=None, prefix=""):

@@ -16,7 +16,7 @@ from conftest import read_results, run_batch, write_manifest
 from pipeline.config import parse_config
 from pipeline.errors import CheckpointError
 from pipeline.models import loader as ld
-from pipeline.models import standins
+from pipeline.testing import standins
 from pipeline.models import wan_layout as wl
 
 

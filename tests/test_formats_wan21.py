@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from _formats import CFG_RUN, DISTILL_RUN, first_frame, max_diff, staged_run  # noqa: F401
-from pipeline.models import standins
+from pipeline.testing import standins
 from pipeline.models import wan_layout as wl
 
 PROMPT = "a red circle moving left on a blue background"

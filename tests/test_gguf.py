@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from _formats import CFG_RUN, baselines, first_frame, max_diff, staged_run, wan_i2v  # noqa: F401
-from pipeline.models import standins
+from pipeline.testing import standins
 from pipeline.models.dit import DitWeights, build_dit
-from pipeline.models.gguf_loader import GGUFLinear, GGUFTensors, dequantize_raw, torch_dequantize
+from pipeline.models.gguf_loader import GGUFLinear, GGUFTensors, torch_dequantize
 
 Q = gguf.GGMLQuantizationType
 # Largest error of a dequantized weight, in units of the largest |w| of the tensor (random normal weights):

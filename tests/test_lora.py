@@ -16,7 +16,7 @@ from _formats import DISTILL_RUN, max_diff, staged_run, wan_t2v  # noqa: F401
 from pipeline.config import parse_config
 from pipeline.errors import CheckpointError
 from pipeline.models import loader as ld
-from pipeline.models import standins
+from pipeline.testing import standins
 from pipeline.models import wan_layout as wl
 from pipeline.models.dit import DitWeights, build_dit
 from pipeline.models.lora import LoraSpec, apply_loras

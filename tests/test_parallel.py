@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.models.tiny import DIT_CONFIG
+from pipeline.tiny import DIT_CONFIG
 
 from conftest import REPO, read_results, run_batch, write_config, write_manifest
 

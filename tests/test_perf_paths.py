@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
-from pipeline.models import fp8_matmul
-from pipeline.models.attention import apply_attention, resolve_backend
-from pipeline.models.offload import BlockStreamer, plan_resident_units, safetensors_source
-from pipeline.models.tiny import DIT_CONFIG
+from pipeline.fast import fp8_matmul
+from pipeline.fast.attention import apply_attention, resolve_backend
+from pipeline.fast.offload import BlockStreamer, plan_resident_units, safetensors_source
+from pipeline.tiny import DIT_CONFIG
 from pipeline.stages.denoise import denoise_steps, predict_noise
 
 
@@ -252,7 +252,7 @@ def test_exclusive_models_are_never_resident_together():
 
 
 def test_perf_settings_on_cpu_are_reported_not_fatal():
-    from pipeline.models.perf import load_dit
+    from pipeline.fast.perf import load_dit
 
     model = load_dit(lambda ref, comp, dev, dt: tiny_dit(), None, "high", torch.device("cpu"), torch.float32,
                      {"cpu_offload": True, "offload_granularity": "block", "torch_compile": True,
@@ -270,7 +270,7 @@ def test_perf_keys_are_known_config_keys(caplog):
         cfg = parse_config({"torch_compile": True, "batched_cfg": False, "cpu_offload": True,
                             "offload_granularity": "phase", "self_attn_1_type": "flash_attn3"})
     assert "unknown key" not in caplog.text
-    from pipeline.models.perf import perf_runtime
+    from pipeline.fast.perf import perf_runtime
 
     rt = perf_runtime(cfg.values)
     assert rt["torch_compile"] is True and rt["batched_cfg"] is False and rt["offload_granularity"] == "phase"

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from _formats import DISTILL_RUN, first_frame, max_diff, staged_run, wan_i2v  # noqa: F401
 from pipeline.config import parse_config
 from pipeline.errors import CheckpointError
-from pipeline.models import fp8_matmul, standins
+from pipeline.fast import fp8_matmul
+from pipeline.testing import standins
 from pipeline.models import loader as ld
 from pipeline.models.dit import DitWeights, build_dit
 from pipeline.models.quant import ScaledLinear

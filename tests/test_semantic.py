@@ -1,7 +1,7 @@
 """The embedded tiny model makes videos that follow their prompts, through the real staged pipeline (Luigi
 RunManifest -> MP4 files), and breaking the pipeline on purpose makes that check fail.
 
-Prompts are captions the model never saw in training (train_tiny.HELD_OUT). A video passes when the colour of
+Prompts are captions the model never saw in training (pipeline.tiny.world.HELD_OUT). A video passes when the colour of
 its moving shape and the direction its centroid moves (read back from the MP4) are the prompt's. The bar is
 80% of the 20 seeds of each held-out T2V prompt (measured on the shipped model: red-left and white-down 20/20,
 green-right and yellow-up 19/20).
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.models import train_tiny as T
+from pipeline.tiny import world as T
 
 from conftest import read_results, run_batch, write_manifest
 

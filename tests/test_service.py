@@ -6,7 +6,6 @@ checked in-process (FastAPI's TestClient, no worker)."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os

@@ -1,4 +1,4 @@
-"""The tiny model's trainer (pipeline.models.train_tiny) on a miniature recipe: every phase runs, the result is
+"""The tiny model's trainer (tools.train_tiny) on a miniature recipe: every phase runs, the result is
 a model the pipeline loads and samples, a second run gives the same bytes, and a run with a work folder resumes
 every finished phase instead of training again."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.models import train_tiny as T
+from tools import train_tiny as T
 
 pytestmark = pytest.mark.slow  # ~1 minute on 2 cores: three miniature trainings
 

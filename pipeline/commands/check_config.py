@@ -10,7 +10,7 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
-    from ..models.check_config import check_config
+    from ..check_config import check_config
 
     report = check_config(args.config)
     print(report.text())

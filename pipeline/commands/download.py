@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from ..models.download import ALIASES, DIT_CHOICES
+    from ..hub import ALIASES, DIT_CHOICES
 
     p = sub.add_parser("download", help="download a model from the Hugging Face Hub (resumable)")
     p.add_argument("model", help=f"a repo id (Wan-AI/Wan2.2-I2V-A14B) or an alias: {', '.join(sorted(ALIASES))}")
@@ -20,7 +20,7 @@ def main(args) -> int:
     from pathlib import Path
 
     from ..errors import WanBatchError
-    from ..models.download import download, plan_download
+    from ..hub import download, plan_download
 
     try:
         fetches = plan_download(args.model, args.dit, args.lora)

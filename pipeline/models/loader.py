@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from ..config import BUILTIN_TINY, GenerationConfig
 from ..errors import CheckpointError
 from . import wan_layout as wl
-from .tiny import ensure_tiny_models
+from ..tiny import ensure_tiny_models
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Scaled fp8 / int8 (LightX2V's converter: `<layer>.weight` float8_e4m3fn or int8 [out, in] next to
 `<layer>.weight_scale` float32 [out, 1], i.e. one scale per output channel; ComfyUI's variant names the scale
 `<layer>.scale_weight` and usually has one scale per tensor, plus a `scaled_fp8` marker tensor). The weight is
-w = q * scale. On CUDA the product runs through pipeline.models.fp8_matmul (torch._scaled_mm / _int_mm);
+w = q * scale. On CUDA the product runs through pipeline.fast.fp8_matmul (torch._scaled_mm / _int_mm);
 elsewhere the layer dequantizes in forward.
 
 `QuantizedLinear` is also the base of the GGUF layer: both can carry LoRA side branches (a LoRA cannot be
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fp8_matmul
+from ..fast import fp8_matmul
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 SCALE_SUFFIXES = (".weight_scale", ".scale_weight")

@@ -29,7 +29,7 @@ A14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128
 
 
 def arch_config(arch: str, layers: int | None = None) -> dict[str, Any]:
-    from ..models.tiny import DIT_CONFIG
+    from ..tiny import DIT_CONFIG
 
     cfg = dict(A14B if arch == "full" else DIT_CONFIG)
     if layers:

@@ -38,7 +38,7 @@ COMMANDS = "commands"  # the FIFO a serving group reads specs from
 
 def run(spec: StageSpec, store: ArtifactStore, run_id: str, group) -> dict | None:
     from ..execute import _check_finite, _sidecar, get_model, solver_start
-    from ..models.perf import batched_cfg
+    from ..fast.perf import batched_cfg
     from ..stages.schedule import export_state
     from .denoise import denoise_steps_parallel
     from .ulysses import check_divisible, enable_ulysses

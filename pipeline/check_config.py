@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import (BUILTIN_TINY, DEFAULTS, LIGHTX2V_IGNORED, LIGHTX2V_KEYS, OUR_KEYS, GenerationConfig,
+from .config import (BUILTIN_TINY, DEFAULTS, LIGHTX2V_IGNORED, LIGHTX2V_KEYS, OUR_KEYS, GenerationConfig,
                       parse_config)
-from ..errors import CheckpointError, ConfigError
-from . import loader as ld
-from . import wan_layout as wl
+from .errors import CheckpointError, ConfigError
+from .models import loader as ld
+from .models import wan_layout as wl
 
 COMPONENT_NAMES = {"text": "T5 text encoder", "vae": "VAE", "high": "high-noise DiT", "low": "low-noise DiT",
                    "single": "DiT", "clip": "CLIP image encoder"}
@@ -121,7 +121,7 @@ def _check_model(config: GenerationConfig, key: str, report: Report) -> None:
         report.lines.append(f"{key}: {show(folder)} ({layout}, {family} {task}, experts {', '.join(experts)}"
                             + (f", boundary {config.get('boundary') or boundary}" if len(experts) == 2 else "") + ")")
         scheme = _attempt(report, lambda: ld.quant_scheme(config))
-        from .lora import parse_lora_configs
+        from .models.lora import parse_lora_configs
 
         loras = _attempt(report, lambda: parse_lora_configs(config.get("lora_configs"), experts,
                                                             config.resolve_path)) or {}
@@ -143,8 +143,8 @@ def _check_model(config: GenerationConfig, key: str, report: Report) -> None:
 
 def _check_expert(config, folder: Path, fmt: str, task: str, family: str, experts, expert: str,
                   scheme: str | None, loras, report: Report) -> None:
-    from .dit import DitWeights, empty_model, expected_shapes
-    from .lora import _logical_shapes, check_lora
+    from .models.dit import DitWeights, empty_model, expected_shapes
+    from .models.lora import _logical_shapes, check_lora
 
     name = COMPONENT_NAMES[expert]
     src = _attempt(report, lambda: ld.dit_source(config, folder, fmt, expert), f"{name}: ")
@@ -211,7 +211,7 @@ def _param_shapes(model) -> dict[str, tuple[int, ...]]:
 def _wan_t5(folder: Path) -> str:
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from .checkpoint import load_pth
+    from .models.checkpoint import load_pth
 
     path = folder / wl.T5_FILE
     sd = load_pth(path)
@@ -230,7 +230,7 @@ def _wan_t5(folder: Path) -> str:
 def _wan_vae(folder: Path) -> str:
     from diffusers import AutoencoderKLWan
 
-    from .checkpoint import load_pth
+    from .models.checkpoint import load_pth
 
     path = folder / wl.VAE_FILE
     sd = load_pth(path)
@@ -245,7 +245,7 @@ def _wan_vae(folder: Path) -> str:
 def _wan_clip(folder: Path) -> str:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from .checkpoint import load_pth
+    from .models.checkpoint import load_pth
 
     path = folder / wl.CLIP_FILE
     sd = load_pth(path)
@@ -275,7 +275,7 @@ def _wan_clip(folder: Path) -> str:
 
 
 def _diffusers_component(folder: Path, comp: str) -> str:
-    from .checkpoint import TensorFiles
+    from .models.checkpoint import TensorFiles
 
     if comp == "text":
         from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel  # noqa: F401 - checked below

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..store import atomic_path, atomic_write_text
-from . import wan_layout as wl
+from ..models import wan_layout as wl
 
 FP8 = torch.float8_e4m3fn
 QUANT_BLOCK = re.compile(r"^blocks\.\d+\.(self_attn|cross_attn|ffn)\.")
@@ -40,7 +40,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
-    from .checkpoint import TensorFiles
+    from ..models.checkpoint import TensorFiles
 
     with TensorFiles.open(folder) as f:
         return {k: f.get(k) for k in f.keys()}
@@ -368,7 +368,7 @@ def build_tiny_wan21_i2v(out: Path) -> Path:
                               UMT5EncoderModel)
     from diffusers import AutoencoderKLWan
 
-    from .tiny import DIT_CONFIG, ensure_tiny_models
+    from ..tiny import DIT_CONFIG, ensure_tiny_models
 
     base = ensure_tiny_models() / "i2v"
     torch.manual_seed(31)
@@ -394,7 +394,7 @@ def build_tiny_wan21_i2v(out: Path) -> Path:
 def write_standin_tree(root: Path) -> Path:
     """Tiny stand-ins under the names the configs in configs/ use (`<root>/Wan-AI/...`, `<root>/lightx2v/...`,
     `<root>/QuantStack/...`), so `wan-batch check-config` and runs can be tried without the real weights."""
-    from .tiny import ensure_tiny_models
+    from ..tiny import ensure_tiny_models
 
     root = Path(root)
     tiny = ensure_tiny_models()

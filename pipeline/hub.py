@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import WanBatchError
+from .errors import WanBatchError
 
 ALIASES = {
     "wan2.2-t2v": "Wan-AI/Wan2.2-T2V-A14B", "wan2.2-i2v": "Wan-AI/Wan2.2-I2V-A14B",

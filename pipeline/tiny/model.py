@@ -5,7 +5,7 @@ two WanTransformer3DModel experts `transformer` (high noise) and `transformer_2`
 UniPC flow scheduler), so it is loaded by the very loader a full-size model uses. The I2V variant's DiT takes
 the 36-channel input (16 noise + 4 mask + 16 image-latent channels).
 
-The weights ship with the package (`tiny_weights/{t2v,i2v}`, made by `python -m pipeline.models.train_tiny`):
+The weights ship with the package (`weights/{t2v,i2v}`, made by `python -m tools.train_tiny`):
 prompts like "a red circle moving left on a blue background" give that video, so a broken pipeline shows.
 On first use they are copied into a cache folder named by their content hash (`WAN_BATCH_HOME` moves it),
 so nothing ever writes next to the package and a re-trained model never meets a stale copy.
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 TINY_VERSION = 2
-WEIGHTS = Path(__file__).resolve().parent / "tiny_weights"
+WEIGHTS = Path(__file__).resolve().parent / "weights"
 TEXT_DIM = 32
 
 # Characters plus whole words of the demo vocabulary: any ASCII prompt tokenizes, common words are one token.
@@ -57,7 +57,7 @@ def weight_files(weights: Path = WEIGHTS) -> list[Path]:
             from ..errors import CheckpointError
 
             raise CheckpointError(f"the tiny model's weights are missing ({weights / task}); "
-                                  f"re-create them with `python -m pipeline.models.train_tiny`")
+                                  f"re-create them with `python -m tools.train_tiny`")
     return files
 
 

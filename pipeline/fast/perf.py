@@ -68,7 +68,7 @@ def load_dit(load, ref, component: str, device: torch.device, dtype: torch.dtype
 
 
 def _stream(model, ref, component: str, device: torch.device, runtime: dict[str, Any], budget: int) -> dict:
-    from .loader import COMPONENTS
+    from ..models.loader import COMPONENTS
     from .offload import BlockStreamer, plan_resident_units, safetensors_source
 
     granularity = runtime.get("offload_granularity", "block")
