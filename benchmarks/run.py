@@ -402,7 +402,7 @@ def _make_jobs(b: Bench, root: Path) -> tuple[Path, list[dict[str, Any]]]:
 def section_batch(b: Bench) -> None:
     import pyarrow.parquet as pq
 
-    from pipeline.commands.run import run_batch
+    from tasks.build import run_batch
     from pipeline.runtime import MODELS
 
     root = Path(b.args.work) if b.args.work else b.out.parent / "bench-work"

@@ -3,7 +3,7 @@
 Importing this package (as `luigi --module pipeline RunManifest ...` does) configures Luigi so the product's
 command works as written: the local scheduler unless a scheduler host is configured, and exit codes that are
 non-zero when a row or task failed (Luigi's defaults are 0)."""
-__version__ = "0.1.0"
+from .version import __version__
 
 from .luigi_setup import configure_luigi
 

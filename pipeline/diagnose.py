@@ -130,96 +130,6 @@ def _components(ref) -> list[str]:
     return ["text", "vae", *ref.experts] + (["clip"] if getattr(ref, "image_encoder", False) else [])
 
 
-def _tied_ok(missing: list[str], present: set[str], model) -> list[str]:
-    """Drop missing keys whose parameter is tied to one the checkpoint has (T5's embed_tokens is `shared`):
-    tied by object identity, or declared in transformers' `_tied_weights_keys` {target: source}."""
-    groups: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    tied_present = {n for names in groups.values() if any(x in present for x in names) for n in names}
-    declared = getattr(model, "_tied_weights_keys", None)
-    if isinstance(declared, dict):
-        tied_present |= {target for target, source in declared.items() if source in present}
-    return [k for k in missing if k not in tied_present]
-
-
-def _compare(found: dict[str, tuple[int, ...]], model, source: str) -> list[str]:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = _tied_ok([k for k in expected if k not in found], set(found), model)
-    extra = [k for k in found if k not in expected]
-    bad = [f"{k} {found[k]} (expected {expected[k]})" for k in expected if k in found and found[k] != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:5])}")
-    if extra:
-        problems.append(f"{len(extra)} unexpected key(s): {', '.join(extra[:5])}")
-    if bad:
-        problems.append(f"{len(bad)} shape mismatch(es): {'; '.join(bad[:5])}")
-    return [f"{source}: {p}" for p in problems]
-
-
-def _diffusers_header_check(ref, component: str) -> tuple[int, list[str]]:
-    """(tensors in the checkpoint, problems) of a non-DiT component in the diffusers layout."""
-    from accelerate import init_empty_weights
-
-    from .models.checkpoint import TensorFiles
-
-    folder = Path(ref.path)
-    sub = {"text": "text_encoder", "vae": "vae", "clip": "image_encoder"}[component]
-    files = TensorFiles.open(folder / sub)
-    found = {k: files.shape(k) for k in files.keys()}
-    with init_empty_weights():
-        if component == "text":
-            from transformers import UMT5Config, UMT5EncoderModel
-
-            model = UMT5EncoderModel(UMT5Config.from_pretrained(folder / sub))
-        elif component == "vae":
-            from diffusers import AutoencoderKLWan
-
-            model = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(folder / sub))
-        else:
-            from transformers import CLIPVisionConfig, CLIPVisionModel
-
-            model = CLIPVisionModel(CLIPVisionConfig.from_pretrained(folder / sub))
-    return len(found), _compare(found, model, str(folder / sub))
-
-
-def _wan_layout_check(ref, component: str) -> tuple[int, list[str]]:
-    """Wan's original .pth files: the key conversion the loader does, on memory-mapped tensors."""
-    from accelerate import init_empty_weights
-
-    from .models import wan_layout as wl
-    from .models.checkpoint import load_pth
-
-    folder = Path(ref.path)
-    try:
-        if component == "text":
-            from transformers import UMT5Config
-
-            path = folder / wl.T5_FILE
-            sd = load_pth(path)
-            wl.convert_t5(sd, UMT5Config(**(wl.arch_override(path) or wl.UMT5_XXL)), str(path))
-        elif component == "vae":
-            from diffusers import AutoencoderKLWan
-
-            path = folder / wl.VAE_FILE
-            sd = load_pth(path)
-            with init_empty_weights():
-                vae = AutoencoderKLWan(**wl.vae_config(path))
-            wl.convert_vae(sd, vae, str(path))
-        else:
-            from transformers import CLIPVisionConfig, CLIPVisionModel
-
-            path = folder / wl.CLIP_FILE
-            sd = load_pth(path)
-            with init_empty_weights():
-                model = CLIPVisionModel(CLIPVisionConfig(**wl.clip_config(path)))
-            wl.convert_clip(sd, model, str(path))
-    except WanBatchError as e:
-        return 0, [str(e)]
-    return len(sd), []
-
-
 def _dit_check(ref, expert: str) -> tuple[int, list[str], str]:
     from .models.dit import DitWeights, empty_model, expected_shapes
     from .models.loader import dit_config
@@ -234,7 +144,9 @@ def _dit_check(ref, expert: str) -> tuple[int, list[str], str]:
 
 
 def check_health(config) -> list[Line]:
+    """Each component's files against its architecture (models.verify, the checker check-config uses)."""
     from .models.loader import component_files, resolve_model
+    from .models.verify import check_component
 
     lines: list[Line] = []
     for task in _tasks_of(config):
@@ -252,11 +164,8 @@ def check_health(config) -> list[Line]:
                 if comp in ref.experts:
                     n, problems, enc = _dit_check(ref, comp)
                     what = f"{n} tensors ({enc})"
-                elif ref.format == "diffusers":
-                    n, problems = _diffusers_header_check(ref, comp)
-                    what = f"{n} tensors"
-                else:
-                    n, problems = _wan_layout_check(ref, comp)
+                else:  # raises CheckpointError naming the file and keys on a mismatch: reported below
+                    n, problems = check_component(Path(ref.path), ref.format, comp).tensors, []
                     what = f"{n} tensors"
             except WanBatchError as e:
                 lines.append(Line("fail", f"{task} {comp}: {e}"))
@@ -446,20 +355,18 @@ def one_row_manifest(folder: Path, i2v: bool) -> Path:
 def check_pipeline(config, manifest: str | None = None, job_id: str | None = None, i2v: bool = False,
                    store_dir: str | None = None, out=print) -> list[Line]:
     """Run every stage of one job in order, in this process; stop at the first failing stage."""
+    from .batch import load_batch
     from .execute import run_spec
     from .inspect import tensor_stats
-    from .manifest import read_manifest
-    from .plan import Planner
-    from .stages.image import check_image
     from .store import ArtifactStore
 
     work = Path(tempfile.mkdtemp(prefix="wan-batch-diagnose-"))
     manifest = manifest or str(one_row_manifest(work, i2v))
-    jobs = read_manifest(manifest, config, check_image=check_image)
-    job = next((j for j in jobs if j.job_id == job_id), None) if job_id else jobs[0]
+    batch = load_batch(manifest, config)
+    job = next((j for j in batch.jobs if j.job_id == job_id), None) if job_id else batch.jobs[0]
     if job is None:
         return [Line("fail", f"manifest {manifest} has no job_id {job_id!r}")]
-    plan = Planner(config).plan(job)
+    plan = batch.planner.plan(job)
     if plan.decode is None:
         return [Line("fail", f"job {job.job_id} cannot run: {plan.error}")]
     store = ArtifactStore(store_dir or work / "store")

@@ -20,12 +20,10 @@ import numpy as np
 import torch
 
 from .errors import WanBatchError
+from .stages.registry import STAGES, job_stage_names, role_name, stage_of, stage_of_name
 from .store import ArtifactRef, ArtifactStore, atomic_path
 
-STAGE_ORDER = ("text", "text-negative", "image", "denoise-high", "denoise-single", "denoise-low", "decode")
-STAGES = ("text", "image", "denoise-high", "denoise-low", "denoise-single", "decode")
-# upstream name in a sidecar -> the display name of that upstream artifact
-UPSTREAM_NAMES = {"text": "text", "text_null": "text-negative", "image": "image"}
+STAGE_ORDER = job_stage_names()
 
 # Wan 2.1 VAE latent (16 channels; Wan2.2 A14B uses the same VAE) -> RGB in [-1, 1]: a linear fit of the
 # decoder, the numbers ComfyUI uses for its Wan21 latent previews (comfy/latent_formats.py, class Wan21). They
@@ -42,7 +40,7 @@ VAE_SPATIAL = 8
 
 @dataclass
 class StageInfo:
-    name: str  # text, text-negative, image, denoise-high, denoise-low, denoise-single, decode
+    name: str  # a job-level stage name (stages.registry.job_stage_names)
     ref: ArtifactRef
     status: str = "missing"  # ok | missing | corrupt | failed
     detail: str = ""  # why it is not ok
@@ -61,7 +59,7 @@ class StageInfo:
     @property
     def model_fingerprint(self) -> str | None:
         params = (self.sidecar or {}).get("params") or {}
-        return params.get("model") or params.get("dit") or params.get("vae")
+        return params.get(stage_of_name(self.name).fingerprint_param) if self.name in STAGE_ORDER else None
 
     def to_dict(self) -> dict[str, Any]:
         side = self.sidecar or {}
@@ -93,7 +91,7 @@ def locate(store: ArtifactStore, key: str) -> ArtifactRef:
         listing = ", ".join(f"{s}/{k[:16]}" for k, s in sorted(found.items()))
         raise WanBatchError(f"key prefix {key} is ambiguous in {store.root}: {listing}")
     full, stage = next(iter(found.items()))
-    return ArtifactRef(stage, full, "mp4" if stage == "decode" else "safetensors")
+    return ArtifactRef(stage, full, stage_of(stage).ext)
 
 
 def chain_from_key(store: ArtifactStore, key: str) -> list[tuple[str, ArtifactRef]]:
@@ -110,7 +108,7 @@ def chain_from_key(store: ArtifactStore, key: str) -> list[tuple[str, ArtifactRe
                 up = locate(store, up_key)
             except WanBatchError:  # an upstream artifact that is gone: show it as missing
                 up = ArtifactRef("?", up_key)
-            visit(UPSTREAM_NAMES.get(up_name, up.stage), up)
+            visit(role_name(up_name, up.stage), up)
         out[ref.key] = (name, ref)
 
     visit(start.stage, start)
@@ -128,18 +126,9 @@ def sort_chain(chain: list[tuple[str, ArtifactRef]]) -> list[tuple[str, Artifact
 
 def find_job(manifest: str, config_path: str | None, job_id: str):
     """The plan of one job of a manifest (by job_id) under a config."""
-    from .config import load_config
-    from .manifest import read_manifest
-    from .plan import Planner
-    from .stages.image import check_image
+    from .batch import load_batch
 
-    config = load_config(config_path or None)
-    jobs = read_manifest(manifest, config, check_image=check_image)
-    for job in jobs:
-        if job.job_id == job_id:
-            return Planner(config).plan(job)
-    some = ", ".join(j.job_id for j in jobs[:8]) + (", ..." if len(jobs) > 8 else "")
-    raise WanBatchError(f"manifest {manifest} has no job_id {job_id!r} (its jobs: {some})")
+    return load_batch(manifest, config_path).plan_of(job_id)
 
 
 # -- statistics ------------------------------------------------------------------------------------------------

@@ -8,9 +8,7 @@ Positive and negative prompts are separate EncodeText artifacts, so a negative p
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,61 +20,13 @@ from .manifest import Job
 from .models.loader import fingerprint, resolve_model, scheduler_config
 from .fast.perf import perf_runtime
 from .runtime import resolve_device, resolve_dtype
+from .spec import StageSpec
+from .stages.registry import role_name
 from .stages.schedule import make_scheduler, split_index
-from .store import ArtifactRef, cache_key
 
-STAGE_VERSION = {"text": 1, "image": 1, "denoise": 1, "decode": 1}
+__all__ = ["JobPlan", "Planner", "StageSpec", "plan_jobs"]
+
 VAE_SPATIAL, VAE_TEMPORAL, LATENT_CHANNELS = 8, 4, 16
-
-
-@dataclass
-class StageSpec:
-    stage: str  # text | image | denoise-high | denoise-low | denoise-single | decode
-    params: dict[str, Any]
-    upstream: dict[str, "StageSpec"] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)  # ModelRef fields + component: how to load, not in key
-    runtime: dict[str, Any] = field(default_factory=dict)  # device etc.: how to run, not in key
-
-    @property
-    def family(self) -> str:
-        return self.stage.split("-")[0]
-
-    @cached_property
-    def key(self) -> str:
-        return cache_key(self.stage, STAGE_VERSION[self.family], self.params,
-                         {name: spec.key for name, spec in sorted(self.upstream.items())})
-
-    @property
-    def ref(self) -> ArtifactRef:
-        return ArtifactRef(self.stage, self.key, "mp4" if self.stage == "decode" else "safetensors")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "params": self.params, "model": self.model, "runtime": self.runtime,
-                "upstream": {k: v.to_dict() for k, v in self.upstream.items()}}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StageSpec":
-        return cls(stage=d["stage"], params=d["params"], model=d["model"], runtime=d["runtime"],
-                   upstream={k: cls.from_dict(v) for k, v in d["upstream"].items()})
-
-    @classmethod
-    def from_json(cls, text: str) -> "StageSpec":
-        return cls.from_dict(json.loads(text))
-
-    def chain(self) -> list["StageSpec"]:
-        """This spec and everything upstream, each once, upstream first."""
-        seen: dict[str, StageSpec] = {}
-
-        def visit(spec: StageSpec) -> None:
-            for up in spec.upstream.values():
-                visit(up)
-            seen.setdefault(spec.key, spec)
-
-        visit(self)
-        return list(seen.values())
 
 
 @dataclass
@@ -86,15 +36,19 @@ class JobPlan:
     error: str | None = None
 
     def stages(self) -> dict[str, StageSpec]:
-        """stage name -> spec for this job (the text stage of the positive prompt is 'text')."""
+        """Job-level stage name -> spec, upstream first. An artifact is named by the role its consumer gives it
+        (the registry's roles: the negative prompt's text artifact is 'text-negative'); a negative prompt equal
+        to the prompt is the same artifact, named 'text'."""
         if self.decode is None:
             return {}
+        chain = self.decode.chain()
+        names: dict[str, str] = {}
+        for spec in chain:
+            for role, up in spec.upstream.items():
+                names.setdefault(up.key, role_name(role, up.stage))
         out: dict[str, StageSpec] = {}
-        for spec in self.decode.chain():
-            name = spec.stage
-            if name == "text" and spec.params["prompt"] != prompt_clean(self.job.prompt):
-                name = "text-negative"
-            out.setdefault(name, spec)
+        for spec in chain:
+            out.setdefault(names.get(spec.key, spec.stage), spec)
         return out
 
 

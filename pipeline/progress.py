@@ -19,10 +19,11 @@ from typing import Any, Callable, Iterator
 
 from tqdm.auto import tqdm
 
+from .stages.registry import STAGES
+
 log = logging.getLogger(__name__)
 
-# Stage-major order of the bars (the order the stages run in).
-STAGE_ORDER = ("text", "image", "denoise-high", "denoise-single", "denoise-low", "decode")
+STAGE_ORDER = tuple(STAGES)  # the bars' order: the order the stages run in
 
 
 def _call(task: Any, name: str, value: Any) -> None:

@@ -19,11 +19,12 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import WanBatchError
+from .stages.registry import STAGES as REGISTRY
 from .store import atomic_path, atomic_write_text
 
-STAGES = ("text", "image", "denoise-high", "denoise-low", "denoise-single", "decode")
-STAGE_COLORS = {"text": "#4e79a7", "image": "#59a14f", "denoise-high": "#e15759", "denoise-low": "#f28e2b",
-                "denoise-single": "#b07aa1", "decode": "#76b7b2"}
+STAGES = tuple(REGISTRY)  # pipeline order; the negative prompt's text time is in seconds_text-negative
+_PALETTE = ("#4e79a7", "#59a14f", "#e15759", "#f28e2b", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f")
+STAGE_COLORS = {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(STAGES)}
 THUMB = 160
 
 

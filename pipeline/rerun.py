@@ -4,12 +4,13 @@ only the invalidated stages are computed, the rest comes from the store."""
 from __future__ import annotations
 
 from .errors import WanBatchError
-from .plan import JobPlan, StageSpec
+from .plan import JobPlan
+from .spec import StageSpec
 from .store import ArtifactStore
 
 
 def stage_spec(plan: JobPlan, stage: str) -> StageSpec:
-    """The spec of one stage (by name: text, text-negative, image, denoise-high/low/single, decode) of a job."""
+    """The spec of one stage of a job, by its job-level name (stages.registry.job_stage_names)."""
     if plan.decode is None:
         raise WanBatchError(f"job {plan.job.job_id} cannot run: {plan.error}")
     stages = plan.stages()
@@ -34,13 +35,3 @@ def invalidate(store: ArtifactStore, specs: list[StageSpec]) -> list[StageSpec]:
         if present:
             removed.append(spec)
     return removed
-
-
-def run_job(plan: JobPlan, store_root: str, run_id: str) -> bool:
-    """Build the job's DecodeVideo (and whatever is missing upstream) with Luigi, one worker, in this process."""
-    import luigi
-
-    from tasks.stages import task_for
-
-    luigi.build([task_for(plan.decode, store_root, run_id)], workers=1, detailed_summary=False)
-    return ArtifactStore(store_root).is_complete(plan.decode.ref)

@@ -1,4 +1,5 @@
-"""Resident models: a process-wide cache bounded by a memory budget, and the device/dtype policy.
+"""Resident models: a process-wide cache bounded by a memory budget, the device/dtype policy, and `get_model`,
+how a stage gets the model its spec names.
 
 Luigi runs tasks in the worker process (one worker per GPU), and priorities make it run a whole stage before
 the next, so a model loaded for the first task of a stage serves every task of that stage. When the next
@@ -12,9 +13,12 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from .fast import perf
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +29,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DIT_COMPONENTS = ("high", "low", "single")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return DTYPES[name]
 
 
 def module_bytes(obj: Any, device_type: str | None = None) -> int:
@@ -97,6 +105,19 @@ class ModelCache:
             log.info("loaded %s (%.1f MB) in %.1fs", key[0], size / 2**20, time.perf_counter() - t0)
             return model
 
+    def keys(self) -> list[tuple]:
+        """(component, fingerprint, device, dtype) of each resident model, least recently used first."""
+        with self._lock:
+            return list(self._models)
+
+    def evict(self, where: Callable[[tuple], bool], why: str) -> int:
+        """Drop the resident models whose key satisfies `where`; returns how many."""
+        with self._lock:
+            keys = [k for k in self._models if where(k)]
+            for key in keys:
+                self._drop(key, why)
+            return len(keys)
+
     def _evict_until(self, limit: int, keep: tuple | None) -> None:
         while self._models and sum(s for _, s in self._models.values()) > max(limit, 0):
             key = next(iter(self._models))
@@ -126,3 +147,77 @@ class ModelCache:
 
 
 MODELS = ModelCache()
+
+
+def get_model(spec, fingerprint: str, component: str | None = None, device: torch.device | None = None) -> Any:
+    """The model a stage spec needs, from the process-wide cache (loaded at most once while it fits the
+    budget). `component` picks another component of the spec's model (the image stage's CLIP encoder, with
+    its own fingerprint); `device` overrides the spec's (a parallel rank's own GPU)."""
+    from .models.loader import ModelRef, estimate_bytes, load_component
+
+    ref = ModelRef.from_dict(spec.model)
+    component = component or spec.model["component"]
+    device = device or torch.device(spec.runtime["device"])
+    dtype = DTYPES[spec.runtime["dtype"]]
+    gb = spec.runtime.get("vram_budget_gb" if device.type == "cuda" else "ram_budget_gb")
+    budget = int(gb * 2**30) if gb else default_budget(device)
+    key = (component, fingerprint, str(device), str(dtype))
+    estimate = estimate_bytes(ref, component)
+    if component in DIT_COMPONENTS:
+        # fast paths (attention backend, compile, block streaming) from the run's settings; on a GPU only one
+        # expert is resident at a time (stage-major order needs just one; its activations get the room)
+        return MODELS.get(key, lambda: load_fast_dit(load_component, ref, component, device, dtype, spec.runtime, budget),
+                          budget, estimate, exclusive="dit" if device.type == "cuda" else None)
+    return MODELS.get(key, lambda: load_component(ref, component, device, dtype), budget, estimate)
+
+
+def load_fast_dit(load, ref, component: str, device: torch.device, dtype: torch.dtype, runtime: dict[str, Any],
+             budget: int) -> torch.nn.Module:
+    """Load a DiT expert with `load(ref, component, device, dtype)` and apply the run's fast paths.
+    The choices made (and why a path was not taken) are kept on the model as `wan_batch_perf`."""
+    from .fast.attention import apply_attention
+
+    report: dict[str, Any] = {}
+    offload = bool(runtime.get("cpu_offload")) and runtime.get("offload_granularity", "block") in ("block", "phase")
+    if offload and device.type != "cuda":
+        report["offload"] = "not used: cpu_offload streams to a GPU and the device is " + device.type
+        offload = False
+    model = load(ref, component, torch.device("cpu") if offload else device, dtype)
+    report["attention"] = apply_attention(model, runtime.get("self_attn_1_type"),
+                                          runtime.get("cross_attn_1_type") or runtime.get("cross_attn_2_type"),
+                                          device)
+    if offload:
+        report["offload"] = _stream(model, ref, component, device, runtime, budget)
+    if runtime.get("torch_compile"):
+        if offload:
+            report["compile"] = "not used: the streaming hooks cannot run inside a compiled block"
+        elif device.type != "cuda":
+            report["compile"] = "not used: compile is for CUDA runs"
+        else:
+            from .fast.accel import compile_blocks
+
+            report["compile"] = compile_blocks(model)
+    model.wan_batch_perf = report
+    log.info("%s perf settings: %s", component, report)
+    return model
+
+
+def _stream(model, ref, component: str, device: torch.device, runtime: dict[str, Any], budget: int) -> dict:
+    from .models.loader import COMPONENTS
+    from .fast.offload import BlockStreamer, plan_resident_units, safetensors_source
+
+    granularity = runtime.get("offload_granularity", "block")
+    reserve = int(float(runtime.get("activation_reserve_gb") or perf.DEFAULT_ACTIVATION_RESERVE_GB) * 2**30)
+    resident = plan_resident_units(model, granularity, budget, reserve)
+    source, note = None, None
+    if runtime.get("lazy_load"):
+        files = sorted(str(f) for f in (Path(ref.path) / COMPONENTS[component][0]).glob("*.safetensors"))
+        if getattr(ref, "format", "diffusers") == "diffusers" and files:
+            source = safetensors_source(files)
+        else:
+            note = "lazy_load needs the diffusers layout's safetensors shards: weights kept in pinned RAM"
+            log.warning("%s: %s", component, note)
+    streamer = BlockStreamer(model, device, granularity, resident_units=resident, lazy_source=source)
+    model.wan_batch_streamer = streamer  # keeps the hooks and buffers alive with the model
+    return {"granularity": granularity, "resident_units": resident, "streamed_units": len(streamer.streamed),
+            "lazy_load": source is not None, "note": note}

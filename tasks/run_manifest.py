@@ -14,18 +14,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import faults
-from pipeline.config import load_config
+from pipeline.batch import load_batch
 from pipeline.errors import RowsFailed
-from pipeline.manifest import read_manifest
-from pipeline.plan import JobPlan, plan_jobs
-from pipeline.stages.image import check_image
+from pipeline.plan import JobPlan
+from pipeline.stages.registry import job_stage_names
 from pipeline.store import atomic_path, file_lock, sha256_file, stale_temps
 
 from .stages import open_store, task_for
 
 log = logging.getLogger("wan_batch.tasks")
 
-STAGE_COLUMNS = ("text", "text-negative", "image", "denoise-high", "denoise-low", "denoise-single", "decode")
+STAGE_COLUMNS = job_stage_names()  # seconds_<stage> columns of results.parquet
 
 
 class RunManifest(luigi.Task):
@@ -43,9 +42,7 @@ class RunManifest(luigi.Task):
 
     @cached_property
     def plans(self) -> list[JobPlan]:
-        config = load_config(self.config or None)
-        jobs = read_manifest(self.manifest, config, strict=self.strict, check_image=check_image)
-        return plan_jobs(jobs, config)
+        return load_batch(self.manifest, self.config, strict=self.strict).plans
 
     def requires(self):
         return [task_for(p.decode, self.store, self.run_id) for p in self.plans if p.decode is not None]
@@ -93,6 +90,11 @@ class RunManifest(luigi.Task):
                 row[f"seconds_{name}"] = side.get("wall_s")
                 if side.get("run_id") != self.run_id:
                     row["cached_stages"].append(name)
+        if row["error"] is None and not store.is_complete(plan.decode.ref):
+            self._heal(plan)  # the video was damaged or removed after its task completed: made again here
+            failure = store.failure(plan.decode.ref)
+            if failure and failure.get("run_id") == self.run_id:
+                row["error"] = f"stage decode: {failure['error']}"
         if row["error"] is None and store.is_complete(plan.decode.ref):
             video = out / f"{job.job_id}.mp4"
             try:
@@ -103,6 +105,16 @@ class RunManifest(luigi.Task):
         elif row["error"] is None:
             row["error"] = "the video was not produced (the run was interrupted?)"
         return row
+
+
+    def _heal(self, plan: JobPlan) -> None:
+        task = task_for(plan.decode, self.store, self.run_id)
+        log.warning("%s: its video %s is gone or damaged since it was made: making it again", plan.job.job_id,
+                    plan.decode.key[:12])
+        try:
+            task.run()
+        except Exception as e:  # noqa: BLE001 - the row reports it; the batch still publishes the others
+            log.error("%s: could not make its video again: %s", plan.job.job_id, e)
 
 
 def publish(src: Path, dest: Path) -> None:

@@ -12,14 +12,15 @@ from functools import cached_property
 
 import luigi
 
+from pipeline.stages.registry import job_stage_names
+
 from .stages import task_for
 
 
 class RunStage(luigi.WrapperTask):
     manifest = luigi.Parameter(description="Parquet manifest the job is in")
     job_id = luigi.Parameter(description="job_id of the row")
-    stage = luigi.Parameter(description="text, text-negative, image, denoise-high, denoise-low, denoise-single, "
-                                        "decode")
+    stage = luigi.Parameter(description=", ".join(job_stage_names()))
     config = luigi.Parameter(default="", description="config the batch runs with (default: the tiny model)")
     store = luigi.Parameter(default="wan-store")
 

@@ -1,9 +1,14 @@
-"""Thin Luigi tasks, one per (stage, cache key): EncodeText, EncodeImage, Denoise(expert), DecodeVideo.
+"""Thin Luigi tasks, one per (stage, cache key): EncodeText, EncodeImage, Denoise(expert), DecodeVideo, one
+class per registry entry's `task` (pipeline/stages/registry.py).
 
-A task knows its spec (what to compute, from what) and the store; the work is in pipeline.execute. A row-level
+A task knows its spec (what to compute, from what) and the store; the work is the stage's run
+(pipeline.execute.run_spec). Its output() is an ArtifactTarget, so complete() is Luigi's own. A row-level
 failure (bad values, non-finite output, a model that fails to load) is recorded next to the artifact for this
 run, so the tasks downstream fail fast with the reason and RunManifest still writes results.parquet for the
 batch; the run's exit code is then non-zero. Run directly (no run_id), a task raises instead.
+
+An upstream artifact damaged or deleted after its task finished and before this one runs is recomputed here,
+in this run (Luigi's own pre-run check of the dependencies is off for this reason: pipeline.luigi_setup).
 """
 from __future__ import annotations
 
@@ -15,15 +20,13 @@ import luigi
 
 from pipeline.errors import StageFailed
 from pipeline.execute import run_spec
-from pipeline.plan import StageSpec
 from pipeline.progress import PROGRESS
-from pipeline.store import ArtifactStore
+from pipeline.spec import StageSpec
+from pipeline.stages.registry import STAGES, stage_of
+from pipeline.store import ArtifactRef, ArtifactStore
 
 log = logging.getLogger("wan_batch.tasks")
 
-# Stage-major order: Luigi runs the highest-priority runnable task first, so a worker finishes one stage
-# (while its model is resident) before it starts the next.
-PRIORITY = {"text": 50, "image": 40, "denoise-high": 30, "denoise-single": 30, "denoise-low": 20, "decode": 10}
 _STORES: dict[str, ArtifactStore] = {}
 
 
@@ -40,6 +43,27 @@ def open_store(root: str) -> ArtifactStore:
     if root not in _STORES:
         _STORES[root] = ArtifactStore(root)
     return _STORES[root]
+
+
+class ArtifactTarget(luigi.Target):
+    """One artifact of the store, as seen by one run. It exists when its payload and sidecar pass the store's
+    integrity check (size and sha256), or when this run recorded the stage's failure (the row is settled: it
+    will be reported failed, and the batch goes on). A missing target tells the progress tracker that its
+    task will run, which sizes the stage's progress bar."""
+
+    def __init__(self, store: ArtifactStore, ref: ArtifactRef, run_id: str = ""):
+        self.store, self.ref, self.run_id = store, ref, run_id
+
+    def failure(self) -> dict | None:
+        """The failure recorded for this artifact by this run, if any."""
+        rec = self.store.failure(self.ref)
+        return rec if rec and self.run_id and rec.get("run_id") == self.run_id else None
+
+    def exists(self) -> bool:
+        done = self.store.is_complete(self.ref) or self.failure() is not None
+        if not done:
+            PROGRESS.expect(self.ref.stage, self.ref.key)
+        return done
 
 
 class StageTask(luigi.Task):
@@ -63,7 +87,7 @@ class StageTask(luigi.Task):
     def priority(self) -> int:
         # Within a stage, tasks of the same model run back to back (+1 for the T2V model): a batch mixing
         # T2V and I2V rows loads each 14B expert once instead of alternating between the two models.
-        return PRIORITY[self.spec.stage] + (1 if self.spec.model.get("task") == "t2v" else 0)
+        return stage_of(self.spec.stage).priority + (1 if self.spec.model.get("task") == "t2v" else 0)
 
     @property
     def resources(self) -> dict[str, int]:
@@ -73,16 +97,8 @@ class StageTask(luigi.Task):
     def requires(self):
         return [task_for(up, self.store, self.run_id) for up in self.spec.upstream.values()]
 
-    def failure(self) -> dict | None:
-        """The failure recorded for this artifact by this run, if any."""
-        rec = self.artifact_store.failure(self.spec.ref)
-        return rec if rec and self.run_id and rec.get("run_id") == self.run_id else None
-
-    def complete(self) -> bool:
-        done = self.artifact_store.is_complete(self.spec.ref) or self.failure() is not None
-        if not done:
-            PROGRESS.expect(self.spec.stage, self.key)  # sizes this stage's progress bar
-        return done
+    def output(self) -> ArtifactTarget:
+        return ArtifactTarget(self.artifact_store, self.spec.ref, self.run_id)
 
     def run(self) -> None:
         store, ref = self.artifact_store, self.spec.ref
@@ -91,19 +107,33 @@ class StageTask(luigi.Task):
                 log.info("%s %s was computed by another run meanwhile: reused", ref.stage, ref.key)
                 return
             store.remove_stale_temps(ref)  # left by a killed writer; we hold the lock, so none is live
-            upstream_failures = [t.failure() for t in self.requires() if t.failure()]
+        self._heal_upstream()
+        with store.lock(ref):
+            if store.is_complete(ref):
+                return
+            upstream_failures = [f for f in (t.output().failure() for t in self.requires()) if f]
             if upstream_failures:
                 self._fail(f"upstream {upstream_failures[0]['stage']} failed: {upstream_failures[0]['error']}")
                 return
-            steps = len(range(*self.spec.params["steps"])) if self.spec.family == "denoise" else None
+            stage = stage_of(self.spec.stage)
+            steps = stage.steps(self.spec.params) if stage.steps else None
             with PROGRESS.track(ref.stage, ref.key, self, steps) as on_step:
                 try:
-                    run_spec(self.spec, store, self.run_id, **({"on_step": on_step} if on_step else {}))
+                    run_spec(self.spec, store, self.run_id, on_step=on_step)
                 except Exception as e:  # recorded per row, see module doc
                     if not self.run_id:
                         raise
                     log.error("%s %s failed: %s\n%s", ref.stage, ref.key[:12], e, traceback.format_exc())
                     self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, StageFailed) else str(e))
+
+    def _heal_upstream(self) -> None:
+        """Recompute, in this process and run, any upstream artifact that is no longer usable (damaged or
+        removed since its task completed); each one heals its own upstream first."""
+        for task in self.requires():
+            if not task.output().exists():
+                log.warning("%s %s: upstream %s %s is gone or damaged since it was computed: recomputing it",
+                            self.spec.stage, self.key[:12], task.spec.stage, task.key[:12])
+                task.run()
 
     def _fail(self, message: str) -> None:
         self.artifact_store.record_failure(self.spec.ref, message, self.run_id)
@@ -128,8 +158,18 @@ class DecodeVideo(StageTask):
     pass
 
 
+# A stage added to the registry with a task name of its own gets its class here, with no code of its own.
+TASKS: dict[str, type[StageTask]] = {cls.__name__: cls for cls in (EncodeText, EncodeImage, Denoise, DecodeVideo)}
+for _stage in STAGES.values():
+    if _stage.task not in TASKS:
+        TASKS[_stage.task] = type(_stage.task, (StageTask,), {"__module__": __name__,
+                                                               "__doc__": f"Runs the {_stage.name} stage."})
+        globals()[_stage.task] = TASKS[_stage.task]
+
+
 def task_for(spec: StageSpec, store: str, run_id: str = "") -> StageTask:
     common = dict(key=spec.key, spec_json=spec.to_json(), store=store, run_id=run_id)
-    if spec.family == "denoise":
-        return Denoise(expert=spec.stage.split("-")[1], **common)
-    return {"text": EncodeText, "image": EncodeImage, "decode": DecodeVideo}[spec.family](**common)
+    cls = TASKS[stage_of(spec.stage).task]
+    if cls is Denoise:
+        return Denoise(expert=spec.stage.split("-", 1)[1], **common)
+    return cls(**common)

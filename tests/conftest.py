@@ -50,7 +50,7 @@ def read_results(output_dir: Path) -> dict[str, dict]:
 
 def run_batch(manifest: Path, tmp: Path, config: Path | str = "", strict: bool = False,
               output_dir: Path | None = None, store: Path | None = None) -> bool:
-    from pipeline.commands.run import run_batch as _run
+    from tasks.build import run_batch as _run
 
     return _run(str(manifest), config=str(config), output_dir=str(output_dir or tmp / "outputs"),
                 store=str(store or tmp / "store"), strict=strict)

@@ -59,7 +59,7 @@ os.dup2(2, 1)  # whatever the batch prints goes to the log, not into the protoco
 sys.path.insert(0, sys.argv[1])
 import pipeline, tasks
 from pipeline import faults
-from pipeline.commands.run import run_batch
+from tasks.build import run_batch
 from pipeline.tiny import ensure_tiny_models
 ensure_tiny_models()
 # Warm a pure-Python cache transformers builds on every first model load (~1 s of regexes): not a torch op.

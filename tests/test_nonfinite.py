@@ -13,15 +13,15 @@ CONFIG = dict(infer_steps=4, target_video_length=5, target_height=32, target_wid
 
 
 def test_check_finite_counts_bad_values():
-    from pipeline.execute import _check_finite
-    from pipeline.plan import StageSpec
+    from pipeline.spec import StageSpec
+    from pipeline.stages.common import check_finite
 
     spec = StageSpec("denoise-high", {})
-    _check_finite("latents", torch.ones(3, 4), spec)
+    check_finite("latents", torch.ones(3, 4), spec)
     bad = torch.ones(3, 4)
     bad[0, 0], bad[1, 2], bad[2, 3] = float("nan"), float("inf"), float("-inf")
     with pytest.raises(StageFailed, match=r"denoise-high produced 3 non-finite values in 'latents' \(of 12\)"):
-        _check_finite("latents", bad, spec)
+        check_finite("latents", bad, spec)
 
 
 def _rows(tmp):
@@ -47,7 +47,7 @@ def _is_bad_prompt(*args):
     return any(isinstance(a, str) and "poisoned" in a for a in args)
 
 
-# stage -> (function name in pipeline.execute, predicate on its arguments, tensor named in the error)
+# stage -> (function name in the stage's module, predicate on its arguments, tensor named in the error)
 POISON = {
     "text": ("encode_text", _is_bad_prompt, "context"),
     "image": ("encode_image_condition", lambda *a: True, "cond"),  # only the I2V row has an image stage
@@ -56,16 +56,18 @@ POISON = {
 
 @pytest.mark.parametrize("stage", ["text", "image", "denoise", "decode"])
 def test_nonfinite_output_fails_only_that_job(tmp_path, tiny_root, monkeypatch, stage):
-    import pipeline.execute as execute
+    import importlib
 
     manifest = write_manifest(tmp_path / "m.parquet", _rows(tmp_path))
     config = write_config(tmp_path / "c.json", **CONFIG)
     if stage in POISON:
         name, when, tensor = POISON[stage]
-        monkeypatch.setattr(execute, name, _poison(getattr(execute, name), when))
+        module = importlib.import_module(f"pipeline.stages.{stage}")
+        monkeypatch.setattr(module, name, _poison(getattr(module, name), when))
         expected = f"stage {stage}: {stage} produced 2 non-finite values in '{tensor}'"
     elif stage == "denoise":
-        real = execute.denoise_steps
+        module = importlib.import_module("pipeline.stages.denoise")
+        real = module.denoise_steps
 
         def denoise(transformer, sched, latents, steps, context, *a, **k):
             out = real(transformer, sched, latents, steps, context, *a, **k)
@@ -74,12 +76,12 @@ def test_nonfinite_output_fails_only_that_job(tmp_path, tiny_root, monkeypatch, 
                 out.view(-1)[:5] = float("nan")
             return out
 
-        monkeypatch.setattr(execute, "denoise_steps", denoise)
+        monkeypatch.setattr(module, "denoise_steps", denoise)
         expected = "stage denoise-high: denoise-high produced 5 non-finite values in 'latents'"
     else:
         calls = []
-        monkeypatch.setattr(execute, "decode_latents",
-                            _poison(execute.decode_latents, lambda *a: _first(calls)))
+        module = importlib.import_module("pipeline.stages.decode")
+        monkeypatch.setattr(module, "decode_latents", _poison(module.decode_latents, lambda *a: _first(calls)))
         expected = "stage decode: decode produced 2 non-finite values in 'frames'"
 
     assert not run_batch(manifest, tmp_path, config=config)

@@ -252,7 +252,7 @@ def test_exclusive_models_are_never_resident_together():
 
 
 def test_perf_settings_on_cpu_are_reported_not_fatal():
-    from pipeline.fast.perf import load_dit
+    from pipeline.runtime import load_fast_dit as load_dit
 
     model = load_dit(lambda ref, comp, dev, dt: tiny_dit(), None, "high", torch.device("cpu"), torch.float32,
                      {"cpu_offload": True, "offload_granularity": "block", "torch_compile": True,

@@ -129,39 +129,39 @@ def test_i2v_starts_from_the_image_and_follows_prompt(i2v_videos):
 
 def _swap_experts(monkeypatch):
     """Wrong expert order: the high-noise steps run on the low-noise expert and the other way round."""
-    import pipeline.execute as ex
+    import pipeline.stages.denoise as denoise
 
-    original = ex.get_model
+    original = denoise.get_model
 
-    def swapped(spec, component=None, fp=None):
+    def swapped(spec, fingerprint, component=None, device=None):
         comp = component or spec.model.get("component")
         if comp in ("high", "low"):
             other = "low" if comp == "high" else "high"
-            return original(spec, component=other, fp=f"swapped:{spec.params.get('dit')}")
-        return original(spec, component, fp)
+            return original(spec, f"swapped:{fingerprint}", component=other, device=device)
+        return original(spec, fingerprint, component, device)
 
-    monkeypatch.setattr(ex, "get_model", swapped)
+    monkeypatch.setattr(denoise, "get_model", swapped)
 
 
 def _drop_scheduler_state(monkeypatch):
     """The low-noise expert starts a fresh solver instead of continuing the high-noise one's."""
-    import pipeline.execute as ex
+    import pipeline.stages.denoise as denoise
 
-    monkeypatch.setattr(ex, "import_state", lambda *args, **kwargs: None)
+    monkeypatch.setattr(denoise, "import_state", lambda *args, **kwargs: None)
 
 
 def _skip_latent_denormalisation(monkeypatch):
     """Decode forgets to undo the VAE's latents_mean/latents_std normalisation."""
     import torch
 
-    import pipeline.execute as ex
+    import pipeline.stages.decode as decode
 
     def decode_raw(vae, latents):
         with torch.no_grad():
             video = vae.decode(latents.to(next(vae.parameters()).device, vae.dtype), return_dict=False)[0]
         return (video.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 3, 0).cpu()
 
-    monkeypatch.setattr(ex, "decode_latents", decode_raw)
+    monkeypatch.setattr(decode, "decode_latents", decode_raw)
 
 
 @pytest.mark.parametrize("breakage", [_swap_experts, _drop_scheduler_state, _skip_latent_denormalisation],

@@ -119,9 +119,9 @@ def test_moe_split_carries_the_multistep_state(tmp_path, t2v_run, monkeypatch):
     split = plans[0].stages()["denoise-high"].params["steps"][1]
     assert 0 < split < plans[0].stages()["denoise-low"].params["steps"][1], "the tiny config must switch experts"
 
-    import pipeline.execute as execute
+    import pipeline.stages.denoise as denoise
 
-    monkeypatch.setattr(execute, "import_state", lambda *a, **k: setattr(a[0], "_step_index", split))
+    monkeypatch.setattr(denoise, "import_state", lambda *a, **k: setattr(a[0], "_step_index", split))
     _, plans2, store2 = staged_run(tmp_path / "restarted", rows)
     restarted = final_latents(plans2[0], store2)
     assert (restarted - carried).abs().max() > 1e-3

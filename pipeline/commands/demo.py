@@ -12,7 +12,7 @@ def register(sub) -> None:
 
 def main(args) -> int:
     from ..demo import write_demo_manifest
-    from .run import run_batch
+    from tasks.build import run_batch
 
     folder = Path(args.dir)
     manifest = write_demo_manifest(folder)

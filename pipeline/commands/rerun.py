@@ -5,11 +5,13 @@ import uuid
 from pathlib import Path
 
 
+from ..stages.registry import job_stage_names
+
+
 def register(sub) -> None:
     p = sub.add_parser("rerun", help="re-run one stage of one job and everything downstream of it")
     p.add_argument("--job", required=True, help="job_id of the row")
-    p.add_argument("--stage", required=True,
-                   help="text, text-negative, image, denoise-high, denoise-low, denoise-single or decode")
+    p.add_argument("--stage", required=True, help=", ".join(job_stage_names()))
     p.add_argument("--manifest", required=True)
     p.add_argument("--config", default="")
     p.add_argument("--store", default="wan-store")
@@ -22,7 +24,9 @@ def register(sub) -> None:
 def main(args) -> int:
     from ..errors import WanBatchError
     from ..inspect import chain_from_plan, find_job, inspect_chain
-    from ..rerun import downstream, invalidate, run_job, stage_spec
+    from tasks.build import run_job
+
+    from ..rerun import downstream, invalidate, stage_spec
     from ..store import ArtifactStore
 
     store = ArtifactStore(args.store)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import uuid
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,29 +19,15 @@ def register(sub) -> None:
     p.set_defaults(func=main)
 
 
-def run_batch(manifest: str, config: str = "", output_dir: str = "outputs", store: str = "wan-store",
-              strict: bool = False, workers: int = 1, local_scheduler: bool | None = None) -> bool:
-    """Run RunManifest in this process; True when every row succeeded."""
-    import luigi
-
-    from tasks import RunManifest
-
-    task = RunManifest(manifest=manifest, config=config, output_dir=output_dir, store=store, strict=strict,
-                       run_id=uuid.uuid4().hex[:12])
-    kwargs = {} if local_scheduler is None else {"local_scheduler": local_scheduler}
-    result = luigi.build([task], workers=workers, detailed_summary=True, **kwargs)
-    return result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY")
-
-
 def main(args) -> int:
+    from tasks.build import run_batch
+
+    from ..batch import load_batch
     from ..errors import WanBatchError
-    from ..manifest import read_manifest
-    from ..config import load_config
-    from ..stages.image import check_image
 
     # Validate up front so a bad manifest or config is reported plainly, before Luigi starts.
     try:
-        read_manifest(args.manifest, load_config(args.config or None), strict=args.strict, check_image=check_image)
+        load_batch(args.manifest, args.config, strict=args.strict)
     except WanBatchError as e:
         print(f"error: {e}")
         return 2

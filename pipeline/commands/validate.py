@@ -11,14 +11,11 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
-    from ..config import load_config
+    from ..batch import load_batch
     from ..errors import WanBatchError
-    from ..manifest import read_manifest
-    from ..stages.image import check_image
 
     try:
-        jobs = read_manifest(args.manifest, load_config(args.config or None), strict=args.strict,
-                             check_image=check_image)
+        jobs = load_batch(args.manifest, args.config, strict=args.strict).jobs
     except WanBatchError as e:
         print(f"error: {e}")
         return 2

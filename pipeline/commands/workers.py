@@ -47,14 +47,12 @@ def _per_worker(args) -> int:
 def main(args) -> int:
     import pyarrow.parquet as pq
 
-    from ..config import load_config
+    from ..batch import load_batch
     from ..errors import WanBatchError
-    from ..manifest import read_manifest
-    from ..stages.image import check_image
     from ..workers import WORKER_OK, BatchSpec, Scheduler, device_groups, local_luigid, start_workers, wait_workers
 
     try:  # refuse a bad manifest or config plainly, before any process starts
-        read_manifest(args.manifest, load_config(args.config or None), strict=args.strict, check_image=check_image)
+        load_batch(args.manifest, args.config, strict=args.strict)
         gpus = _gpu_list(args)
         cpu = gpus[0] == "cpu"
         per_worker = 1 if cpu else _per_worker(args)

@@ -198,7 +198,7 @@ def apply_loras(model: torch.nn.Module, specs: list[LoraSpec], expert: str) -> i
         return 0
     from .dit import expected_shapes
 
-    expected = _logical_shapes(model, expected_shapes(model))
+    expected = logical_shapes(model, expected_shapes(model))
     changed = 0
     for spec in specs:
         resolved, files = resolve(Path(spec.path), expected, expert)
@@ -210,7 +210,7 @@ def apply_loras(model: torch.nn.Module, specs: list[LoraSpec], expert: str) -> i
     return changed
 
 
-def _logical_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+def logical_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Parameter shapes as the architecture has them, with quantized layers' weights as [out, in]."""
     out = {k: v for k, v in shapes.items() if not (k.endswith(".weight_scale") or k.endswith(".qweight")
                                                  or ".lora_" in k or ".dense_delta_" in k)}

@@ -127,7 +127,7 @@ CLIP_MAP = TemplateMap([
     ("visual.transformer.{i}.mlp.2.weight", "encoder.layers.{i}.mlp.fc2.weight"),
     ("visual.transformer.{i}.mlp.2.bias", "encoder.layers.{i}.mlp.fc2.bias"),
 ])
-_CLIP_QKV = re.compile(r"^visual\.transformer\.(\d+)\.attn\.to_qkv\.(weight|bias)$")
+CLIP_QKV = re.compile(r"^visual\.transformer\.(\d+)\.attn\.to_qkv\.(weight|bias)$")
 
 # The VAE's residual-block internals: Wan's nn.Sequential indices -> diffusers' names.
 _VAE_RES = [("residual.0.gamma", "norm1.gamma"), ("residual.2.", "conv1."), ("residual.3.gamma", "norm2.gamma"),
@@ -413,7 +413,7 @@ def convert_clip(sd: dict[str, torch.Tensor], model, source: str) -> dict[str, t
     pre = clip_prefix(model)
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        m = _CLIP_QKV.match(k)
+        m = CLIP_QKV.match(k)
         if m:
             q, kk, vv = v.chunk(3, dim=0)
             for name, part in zip(("q_proj", "k_proj", "v_proj"), (q, kk, vv)):

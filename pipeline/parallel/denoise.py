@@ -7,12 +7,10 @@ solver step on the full latents, so all ranks hold identical latents throughout 
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 
-from ..stages.denoise import denoise_steps, predict_noise
+from ..stages.denoise import predict_noise
 from .group import RankGroup
 
 
@@ -30,16 +28,3 @@ def predict_noise_parallel(transformer, model_input: torch.Tensor, timestep: tor
     dist.all_gather(both, noise, group=group.cfg_group)
     noise_cond, noise_uncond = both
     return noise_uncond + guide_scale * (noise_cond - noise_uncond)
-
-
-def denoise_steps_parallel(transformer, scheduler, latents: torch.Tensor, steps: range, context: torch.Tensor,
-                           context_null: torch.Tensor | None, guide_scale: float, group: RankGroup,
-                           cond: torch.Tensor | None = None, on_step: Callable[[int], None] | None = None,
-                           batched_cfg: bool = False) -> torch.Tensor:
-    """stages.denoise.denoise_steps on a rank group (same inputs, same solver calls, same result)."""
-
-    def predict(model, model_input, timestep, ctx, ctx_null, scale, batched) -> torch.Tensor:
-        return predict_noise_parallel(model, model_input, timestep, ctx, ctx_null, scale, group, batched)
-
-    return denoise_steps(transformer, scheduler, latents, steps, context, context_null, guide_scale, cond=cond,
-                         on_step=on_step, batched_cfg=batched_cfg, predict=predict)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import StageFailed
-from ..plan import StageSpec
+from ..spec import StageSpec
 from ..store import ArtifactStore, atomic_write_text
 from .layout import ParallelLayout
 from .run_denoise import COMMANDS, DONE_MARK, STEP_MARK
@@ -51,9 +51,7 @@ def _free_gpu_models() -> None:
     """Evict this process's GPU-resident models (the text encoder, a VAE) so the ranks get the memory."""
     from ..runtime import MODELS
 
-    with MODELS._lock:
-        for key in [k for k in MODELS._models if str(k[2]).startswith("cuda")]:
-            MODELS._drop(key, "to leave the GPUs to the parallel denoise ranks")
+    MODELS.evict(lambda key: str(key[2]).startswith("cuda"), "to leave the GPUs to the parallel denoise ranks")
 
 
 def _failure(error_dir: Path, log_file: Path, rc: int | None) -> str:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import StageFailed
-from ..plan import StageSpec
+from ..spec import StageSpec
 from ..store import ArtifactStore, atomic_write_text
 from .layout import ParallelLayout
 
@@ -37,50 +36,30 @@ COMMANDS = "commands"  # the FIFO a serving group reads specs from
 
 
 def run(spec: StageSpec, store: ArtifactStore, run_id: str, group) -> dict | None:
-    from ..execute import _check_finite, _sidecar, get_model, solver_start
-    from ..fast.perf import batched_cfg
-    from ..stages.schedule import export_state
-    from .denoise import denoise_steps_parallel
+    """The denoise stage's own run on this rank: its device, the CFG split as the predict function, the
+    Ulysses hooks on the resident expert; only the writer rank writes the artifact."""
+    from ..stages import denoise
+    from .denoise import predict_noise_parallel
     from .ulysses import check_divisible, enable_ulysses
 
-    t0 = time.perf_counter()
-    p, device = spec.params, group.device
-    # this rank's device; the key (params + upstream) is unchanged
-    local = StageSpec(spec.stage, spec.params, spec.upstream, spec.model, {**spec.runtime, "device": str(device)})
-    sched, latents = solver_start(spec, store, device)
-    transformer = get_model(local)
-    report = {"layout": group.layout.as_dict(), "world_size": group.world}
-    if group.layout.seq > 1:
-        check_divisible(transformer, p["latent_shape"], group.layout.seq)
-        if getattr(transformer, "wan_batch_ulysses", None) is None:  # a resident model keeps its hooks
-            transformer.wan_batch_ulysses = enable_ulysses(transformer, group)
-        report["ulysses"] = transformer.wan_batch_ulysses
-    context = store.load_tensors(spec.upstream["text"].ref, device)["context"].to(transformer.dtype)
-    context_null = None
-    if p["cfg"]:
-        context_null = store.load_tensors(spec.upstream["text_null"].ref, device)["context"].to(transformer.dtype)
-    image = store.load_tensors(spec.upstream["image"].ref, device) if "image" in spec.upstream else {}
-    cond = image.get("cond")
-    if "clip" in image:  # Wan2.1 I2V: the DiT also attends to the CLIP image features (as execute.run_denoise)
-        from ..stages.image import ImageConditioned
+    def prepare(transformer) -> dict:
+        report = {"layout": group.layout.as_dict(), "world_size": group.world}
+        if group.layout.seq > 1:
+            check_divisible(transformer, spec.params["latent_shape"], group.layout.seq)
+            if getattr(transformer, "wan_batch_ulysses", None) is None:  # a resident model keeps its hooks
+                transformer.wan_batch_ulysses = enable_ulysses(transformer, group)
+            report["ulysses"] = transformer.wan_batch_ulysses
+        return {"parallel": report}
 
-        transformer = ImageConditioned(transformer, image["clip"])
-    steps = range(*p["steps"])
+    def predict(model, model_input, timestep, ctx, ctx_null, scale, batched) -> torch.Tensor:
+        return predict_noise_parallel(model, model_input, timestep, ctx, ctx_null, scale, group, batched)
 
     def on_step(i: int) -> None:
         if group.writer:
             print(f"{STEP_MARK} {i}", flush=True)
 
-    latents = denoise_steps_parallel(transformer, sched, latents, steps, context, context_null,
-                                     p["guide_scale"] or 1.0, group, cond=cond, on_step=on_step,
-                                     batched_cfg=batched_cfg(spec.runtime, device))
-    if not group.writer:
-        return None
-    _check_finite("latents", latents, spec)
-    state_tensors, state_meta = export_state(sched)
-    return store.write_tensors(spec.ref, {"latents": latents, **state_tensors},
-                               _sidecar(spec, run_id, time.perf_counter() - t0,
-                                        {"scheduler_state": state_meta, "steps_run": len(steps), "parallel": report}))
+    return denoise.run(spec, store, run_id, on_step, device=group.device, predict=predict, prepare=prepare,
+                       write=group.writer)
 
 
 def serve(folder: Path, group) -> None:

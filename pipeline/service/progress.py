@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..plan import JobPlan
+from ..stages.registry import job_stage_names
 from ..store import ArtifactRef, ArtifactStore
 
-STAGE_ORDER = ("text", "text-negative", "image", "denoise-high", "denoise-single", "denoise-low", "decode")
+STAGE_ORDER = job_stage_names()
 
 
 def plan_refs(plan: JobPlan) -> dict[str, list[str]]:

@@ -146,21 +146,16 @@ class Worker:
     def drain(self, run_id: str, tasks: list[TaskRow]) -> None:
         import luigi
 
-        from ..commands.run import run_batch
-        from ..config import load_config
+        from tasks.build import run_batch
+        from ..batch import load_batch
         from ..errors import WanBatchError
-        from ..manifest import read_manifest
-        from ..plan import plan_jobs
-        from ..stages.image import check_image
 
         s = self.settings
         manifest, out_dir = s.inbox / f"{run_id}.parquet", s.runs / run_id
         write_manifest(manifest, tasks)
         log.info("run %s: %d task(s)", run_id, len(tasks))
         try:  # the same validation and planning RunManifest does, so the stored plans match its artifacts
-            config = load_config(s.config or None)
-            plans = {p.job.job_id: p for p in plan_jobs(read_manifest(manifest, config, check_image=check_image),
-                                                         config)}
+            plans = {p.job.job_id: p for p in load_batch(manifest, s.config).plans}
         except WanBatchError as e:
             self.queue.finish(run_id, {t.id: ("failed", None, str(e)) for t in tasks})
             return

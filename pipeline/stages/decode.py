@@ -1,11 +1,17 @@
-"""DecodeVideo: final latents -> RGB frames (VAE) -> H.264 MP4 (ffmpeg-python + imageio-ffmpeg's binary)."""
+"""Stage `decode` (Luigi task DecodeVideo): final latents -> RGB frames (VAE) -> H.264 MP4 (ffmpeg-python +
+imageio-ffmpeg's binary). Needs the VAE; writes the MP4 as the artifact's payload."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..runtime import get_model
+from .common import check_finite, sidecar
+from .registry import Stage
 
 
 @torch.no_grad()
@@ -49,3 +55,24 @@ def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18) -> None:
                            **{"fflags": "+bitexact", "flags:v": "+bitexact"})
     ffmpeg.run(stream, cmd=ffmpeg_exe(), input=np.ascontiguousarray(frames).tobytes(), quiet=True,
                overwrite_output=True)
+
+
+VERSION = 1
+
+
+def run(spec, store, run_id: str = "", on_step=None) -> dict:
+    t0 = time.perf_counter()
+    latents = store.load_tensors(spec.upstream["latents"].ref)["latents"]
+    vae = get_model(spec, spec.params["vae"])
+    frames = decode_latents(vae, latents)
+    check_finite("frames", frames, spec)
+    pixels = to_uint8(frames)
+    fps, crf = spec.params["fps"], spec.params["crf"]
+    return store.write_file(spec.ref, lambda tmp: write_mp4(pixels, fps, tmp, crf),
+                            sidecar(spec, VERSION, run_id, time.perf_counter() - t0,
+                                    {"frames": int(pixels.shape[0]), "height": int(pixels.shape[1]),
+                                     "width": int(pixels.shape[2])}))
+
+
+STAGE = Stage(name="decode", family="decode", version=VERSION, priority=10, component="vae",
+              fingerprint_param="vae", task="DecodeVideo", run=run, ext="mp4")

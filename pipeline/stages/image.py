@@ -1,19 +1,29 @@
-"""EncodeImage (I2V): image file -> resized/cropped RGB -> the 20-channel condition (4 mask + 16 latent)."""
+"""Stage `image` (Luigi task EncodeImage, I2V): image file -> resized/cropped RGB -> the 20-channel condition
+(4 mask + 16 latent). Needs the VAE (and CLIP for Wan2.1 I2V); writes `cond`, the input `image` as encoded
+and, for Wan2.1, `clip`."""
 from __future__ import annotations
+
+import hashlib
+import io
+import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import WanBatchError
+from ..errors import StageFailed, WanBatchError
+from ..runtime import get_model
+from .common import check_finite, sidecar
+from .registry import Stage
 
 MIN_IMAGE_SIDE = 16
 
 
-def load_image_rgb(path: str) -> Image.Image:
-    """Open any common image as 8-bit RGB (EXIF orientation applied), or raise naming the file."""
+def load_image_rgb(path: str, data: bytes | None = None) -> Image.Image:
+    """Open any common image as 8-bit RGB (EXIF orientation applied), or raise naming the file. With `data`,
+    decode those bytes (read once from `path` and already checked) instead of opening the file again."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale, don't clip
@@ -105,3 +115,42 @@ class ImageConditioned:
     def __call__(self, hidden_states: torch.Tensor, **kwargs):
         image = self.clip.expand(hidden_states.shape[0], -1, -1)
         return self.transformer(hidden_states=hidden_states, encoder_hidden_states_image=image, **kwargs)
+
+
+VERSION = 1
+
+
+def read_checked(path: str, sha256: str) -> bytes:
+    """The image file's bytes, verified against the hash its cache key was made from: an image replaced
+    between planning and this stage must not be filed under the original's hash."""
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        raise WanBatchError(f"cannot read image {path}: {e.strerror or e}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise StageFailed(f"image {path} changed after the batch was planned (sha256 {actual[:12]}, planned "
+                          f"{sha256[:12]}); run the batch again to use the new image")
+    return data
+
+
+def run(spec, store, run_id: str = "", on_step=None) -> dict:
+    t0 = time.perf_counter()
+    p = spec.params
+    path = spec.model["image"]
+    image = resize_center_crop(load_image_rgb(path, read_checked(path, p["image_sha256"])), p["width"], p["height"])
+    vae = get_model(spec, p["vae"])
+    cond = encode_image_condition(vae, image, p["num_frames"])
+    check_finite("cond", cond, spec)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(p["height"], p["width"], 3)
+    extra = {}
+    if p.get("clip"):  # Wan2.1 I2V: CLIP image features for the DiT's image cross-attention
+        processor, encoder = get_model(spec, p["clip"], component="clip")
+        extra["clip"] = encode_image_clip(processor, encoder, image)
+        check_finite("clip", extra["clip"], spec)
+    return store.write_tensors(spec.ref, {"cond": cond, "image": pixels, **extra},
+                               sidecar(spec, VERSION, run_id, time.perf_counter() - t0))
+
+
+STAGE = Stage(name="image", family="image", version=VERSION, priority=40, component="vae",
+              fingerprint_param="vae", task="EncodeImage", run=run)

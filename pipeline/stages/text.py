@@ -1,10 +1,16 @@
-"""EncodeText: prompt -> UMT5 context, zero-padded to text_len exactly as Wan's pipelines do."""
+"""Stage `text` (Luigi task EncodeText): prompt -> UMT5 context, zero-padded to text_len exactly as Wan's
+pipelines do. Needs the text encoder; writes `context` [1, text_len, dim] and the true token count."""
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+from ..runtime import get_model
+from .common import check_finite, sidecar
+from .registry import Stage
 
 log = logging.getLogger(__name__)
 
@@ -30,3 +36,20 @@ def encode_text(tokenizer, encoder, prompt: str, text_len: int) -> tuple[torch.T
     context = torch.zeros_like(hidden)
     context[:seq_len] = hidden[:seq_len]
     return context.unsqueeze(0), seq_len
+
+
+VERSION = 1
+
+
+def run(spec, store, run_id: str = "", on_step=None) -> dict:
+    t0 = time.perf_counter()
+    tokenizer, encoder = get_model(spec, spec.params["model"])
+    context, seq_len = encode_text(tokenizer, encoder, spec.params["prompt"], spec.params["text_len"])
+    check_finite("context", context, spec)
+    return store.write_tensors(spec.ref, {"context": context},
+                               sidecar(spec, VERSION, run_id, time.perf_counter() - t0, {"seq_len": seq_len}))
+
+
+STAGE = Stage(name="text", family="text", version=VERSION, priority=50, component="text",
+              fingerprint_param="model", task="EncodeText", run=run,
+              roles={"text": "text", "text_null": "text-negative"})
