@@ -127,10 +127,14 @@ class ArtifactStore:
             side_stat = side_path.stat()
         except FileNotFoundError:
             return False, "missing"
+        except OSError as e:
+            return False, f"cannot read {side_path}: {e.strerror or e}"
         try:
             st = payload.stat()
         except FileNotFoundError:
             return False, f"payload {payload} is missing but its sidecar exists"
+        except OSError as e:
+            return False, f"cannot read {payload}: {e.strerror or e}"
         state = (st.st_size, st.st_mtime_ns, side_stat.st_mtime_ns)
         if self._verified.get(payload) == state:
             return True, "ok"
@@ -139,7 +143,11 @@ class ArtifactStore:
             return False, f"sidecar {side_path} is unreadable or belongs to another artifact"
         if side.get("size") != st.st_size:
             return False, f"{payload} has {st.st_size} bytes, its sidecar says {side.get('size')}"
-        if sha256_file(payload) != side["sha256"]:
+        try:
+            digest = sha256_file(payload)
+        except OSError as e:  # e.g. a payload this process may not read: recomputed, never a crash
+            return False, f"cannot read {payload}: {e.strerror or e}"
+        if digest != side["sha256"]:
             return False, f"{payload} does not match the sha256 in its sidecar"
         self._verified[payload] = state
         return True, "ok"
