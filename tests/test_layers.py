@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (layer name, module prefixes): the first layer is the top.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("entry points", ("tasks", "pipeline.commands", "pipeline.cli", "pipeline.service")),
+    ("entry points", ("tasks", "pipeline.commands", "pipeline.cli", "pipeline.service", "pipeline.api")),
     ("orchestration", ("pipeline.batch", "pipeline.plan", "pipeline.spec", "pipeline.execute", "pipeline.parallel",
                        "pipeline.inspect", "pipeline.rerun", "pipeline.report", "pipeline.diagnose",
                        "pipeline.progress", "pipeline.workers", "pipeline.check_config", "pipeline.demo",
