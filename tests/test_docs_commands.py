@@ -265,3 +265,19 @@ def test_readme_demo_command_writes_five_videos(tmp_path):
     for r in rows:
         frames = read_video(tmp_path / "outputs" / f"{r['job_id']}.mp4")
         assert frames.shape == (17, 64, 64, 3), (r["job_id"], frames.shape)
+
+
+def test_readme_first_batch_manifest_validates(workspace):
+    """README's first-batch Python writes a manifest that `wan-batch validate` (the README's next command) passes."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## A first batch", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    old = Path.cwd()
+    os.chdir(workspace)
+    try:
+        exec(compile(code, "README.md: A first batch", "exec"), {})
+    finally:
+        os.chdir(old)
+    assert "wan-batch validate --manifest jobs.parquet" in section
+    code, out = _run("wan-batch validate --manifest jobs.parquet", workspace)
+    assert code == 0 and "2 rows, 2 runnable, 0 with problems" in out, out
