@@ -239,7 +239,7 @@ class WanBatchPipeline:
                 shutil.copyfile(result.video, tmp)
             result.video = dest
             if return_result_tensor:
-                from .inspect import read_video
+                from .stages.decode import read_video
 
                 result.frames = read_video(dest)
         else:

@@ -1,6 +1,6 @@
 """The demo manifest: a few T2V rows and one I2V row whose image is drawn here (no files to download).
 
-The prompts are captions the embedded tiny model never saw in training (tools.train_tiny.HELD_OUT),
+The prompts are captions the embedded tiny model never saw in training (pipeline.tiny.world.HELD_OUT),
 so the videos show that it follows the prompt rather than replaying a training clip. Regenerate the manifest
 with `python -m pipeline.demo`."""
 from __future__ import annotations

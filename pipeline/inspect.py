@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import WanBatchError
+from .stages.decode import read_video  # noqa: F401  (inspect.read_video: used by the report and tests)
 from .stages.registry import STAGES, job_stage_names, role_name, stage_of, stage_of_name
 from .store import ArtifactRef, ArtifactStore, atomic_path
 
@@ -149,19 +150,6 @@ def tensor_stats(t: torch.Tensor | np.ndarray) -> dict[str, Any]:
     else:
         stats.update(min=None, max=None, mean=None, std=None)
     return stats
-
-
-def read_video(path: Path) -> np.ndarray:
-    """All frames of an MP4 as uint8 [F, H, W, 3]."""
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")  # imageio-ffmpeg's own binary
-    meta = next(reader)
-    w, h = meta["size"]
-    frames = [np.frombuffer(buf, np.uint8).reshape(h, w, 3) for buf in reader]
-    if not frames:
-        raise WanBatchError(f"video {path} has no frames")
-    return np.stack(frames)
 
 
 def load_payload(store: ArtifactStore, ref: ArtifactRef) -> dict[str, torch.Tensor | np.ndarray]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import WanBatchError
 from ..runtime import get_model
 from .common import check_finite, sidecar
 from .registry import Stage
@@ -55,6 +56,19 @@ def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18) -> None:
                            **{"fflags": "+bitexact", "flags:v": "+bitexact"})
     ffmpeg.run(stream, cmd=ffmpeg_exe(), input=np.ascontiguousarray(frames).tobytes(), quiet=True,
                overwrite_output=True)
+
+
+def read_video(path: Path) -> np.ndarray:
+    """All frames of an MP4 as uint8 [F, H, W, 3]."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")  # imageio-ffmpeg's own binary
+    meta = next(reader)
+    w, h = meta["size"]
+    frames = [np.frombuffer(buf, np.uint8).reshape(h, w, 3) for buf in reader]
+    if not frames:
+        raise WanBatchError(f"video {path} has no frames")
+    return np.stack(frames)
 
 
 VERSION = 1

@@ -25,8 +25,8 @@ class Stage:
     family: str  # stages that share a run function and version (denoise-high/low/single)
     version: int  # part of every cache key: bump it when the stage's output changes for the same inputs
     priority: int  # Luigi priority: stage-major order
-    component: str  # the model component it loads (models.loader.COMPONENTS)
-    fingerprint_param: str  # the params entry holding that model's fingerprint
+    component: str | None  # the model component it loads (models.loader.COMPONENTS); None: no model
+    fingerprint_param: str | None  # the params entry holding that model's fingerprint
     task: str  # the Luigi task class that runs it (tasks/stages.py)
     run: Callable[..., dict[str, Any]]
     ext: str = "safetensors"  # payload file type
