@@ -82,7 +82,7 @@ def reference_merge(src, path, strength: float, config_alpha: float | None = Non
 def _assert_weights(model, expected, what):
     got = model.state_dict()
     for k, v in expected.items():
-        torch.testing.assert_close(got[k].float(), v, atol=2e-6, rtol=1e-6, msg=lambda m: f"{what} {k}: {m}")
+        torch.testing.assert_close(got[k].float(), v, atol=2e-6, rtol=1e-6, msg=lambda m, k=k: f"{what} {k}: {m}")
 
 
 @pytest.mark.parametrize("form", standins.TOOL_LORA_FORMS)
@@ -150,23 +150,22 @@ def test_config_alpha_scales_diff_entries_as_lightx2v(tmp_path, src):
     assert not torch.equal(no_alpha["blocks.0.norm2.weight"], expected["blocks.0.norm2.weight"])
 
 
-def test_wan21_image_entries_on_a_model_without_them_are_skipped_with_a_warning(tmp_path, src, caplog):
+@pytest.mark.parametrize("form", standins.TOOL_LORA_FORMS)
+def test_wan21_image_entries_on_a_model_without_them_are_skipped_with_a_warning(tmp_path, src, caplog, form):
     """LightX2V's Wan2.1 I2V LoRAs used on Wan2.2 carry k_img, v_img, norm_k_img and img_emb.*: at full size
     208 of 1303 entries. They are skipped, the rest applied, the warning says how many and of which family."""
     path = tmp_path / "wan21_i2v_lora.safetensors"
-    standins.write_tool_lora(src, path, "lightx2v-extractor", rank=4, seed=6, image_keys=True,
-                             pair_min_params=10_000)
-    keys = load_file(str(path))
-    image = [k for k in keys if any(n in k for n in ("k_img", "v_img", "img_emb"))]
-    entries = sum(not k.endswith((".lora_down.weight",)) for k in keys)  # a pair counts once
-    image_entries = sum(not k.endswith(".lora_down.weight") for k in image)
-    assert image_entries / entries > 0.1  # more than the 10% the coverage rule allows unmatched
+    standins.write_tool_lora(src, path, form, rank=4, seed=6, image_keys=True, pair_min_params=10_000)
+    keys = [k for k in load_file(str(path)) if k.endswith((".lora_up.weight", ".lora_B.weight", ".diff", ".diff_b",
+                                                            ".diff_m"))]  # one key per entry
+    image = [k for k in keys if any(n in k for n in ("k_img", "v_img", "img_emb", "add_k_proj", "add_v_proj"))]
+    assert len(image) / len(keys) > 0.1  # more than the 10% the coverage rule allows unmatched
     expected, n = reference_merge(src, path, 1.0)
     model = _model(src)
     with caplog.at_level(logging.WARNING, logger="pipeline.models.lora"):
-        assert apply_loras(model, [LoraSpec(str(path), 1.0)], "high") == n == entries - image_entries
+        assert apply_loras(model, [LoraSpec(str(path), 1.0)], "high") == n == len(keys) - len(image)
     _assert_weights(model, expected, "image keys skipped")
-    assert (f"{image_entries} of {entries} entries are for Wan2.1 I2V's CLIP image conditioning" in caplog.text
+    assert (f"{len(image)} of {len(keys)} entries are for Wan2.1 I2V's CLIP image conditioning" in caplog.text
             and "which the high expert does not have" in caplog.text)
 
 
@@ -206,8 +205,8 @@ def test_safetensors_headers_that_lie_are_named_when_checked(tmp_path, src):
                  r"list\.safetensors: header entry .* is a JSON list"),
         "short": ({f"{key}.lora_down.weight": {"dtype": "F32", "shape": [4, 128], "data_offsets": [0, 64]},
                    f"{key}.lora_up.weight": {"dtype": "F32", "shape": [128, 4], "data_offsets": [64, 2112]}},
-                  b"\0" * 2112, r"short\.safetensors: tensor .*lora_down\.weight' \(F32 \[4, 128\]\) needs 2048 "
-                                r"bytes but its data_offsets span 64"),
+                  b"\0" * 2112, (r"short\.safetensors: tensor .*lora_down\.weight' \(F32 \[4, 128\]\) needs "
+                                 r"2048 bytes but its data_offsets span 64")),
         "array": ([1, 2, 3], b"", r"array\.safetensors: the safetensors header is a JSON list"),
         "overlap": ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
                      "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24,
@@ -300,3 +299,34 @@ def test_city96_q4_k_m_expert_loads_as_its_tensors_dequantized(tmp_path, wide):
     assert float((a - b).abs().max()) < 1e-5
     err = float((a - o).abs().max()) / float(o.abs().max())
     assert 0 < err < 0.1  # Q4_K/Q6_K rounding of the bf16 weights, nothing more
+
+
+def test_diff_entries_on_quantized_layers_take_the_config_alpha_too(tmp_path, src):
+    """An all-diff extractor LoRA (every tensor under the tool's 1M-value threshold, as at tiny size) on an fp8
+    expert: the dense deltas of the quantized linears are scaled like the merged ones (diff * alpha * strength)."""
+    from pipeline.models.dit import _set_module
+    from pipeline.models.quant import QuantizedLinear
+
+    lora = tmp_path / "x.safetensors"
+    standins.write_tool_lora(src, lora, "lightx2v-extractor", seed=8)
+    assert not any(k.endswith(".lora_up.weight") for k in load_file(str(lora)))
+    fp8 = tmp_path / "e.safetensors"
+    standins.write_single_file(src, fp8, "fp8")
+    cfg = {k: v for k, v in json.loads((src / "config.json").read_text()).items() if not k.startswith("_")}
+
+    def run(alpha, dequantize: bool):
+        model = build_dit(cfg, DitWeights(fp8), torch.float32)
+        if dequantize:
+            for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]:
+                lin = torch.nn.Linear(mod.in_features, mod.out_features)
+                lin.weight.data, lin.bias.data = mod.dequantized(), mod.bias.data.clone()
+                _set_module(model, name, lin)
+        apply_loras(model, [LoraSpec(str(lora), 0.5, alpha=alpha)], "high")
+        g = torch.Generator().manual_seed(0)
+        x, c = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 9, cfg["text_dim"], generator=g)
+        with torch.no_grad():
+            return model(x, torch.tensor([400.0]), c, return_dict=False)[0]
+
+    side, merged, plain = run(2.0, False), run(2.0, True), run(None, False)
+    assert float((side - merged).abs().max()) < 1e-5
+    assert float((side - plain).abs().max()) > 1e-3

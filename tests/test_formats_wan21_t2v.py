@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from _formats import CFG_RUN, DISTILL_RUN, PROMPT, max_diff, staged_run  # noqa: F401
+from _formats import CFG_RUN, DISTILL_RUN, PROMPT, max_diff, staged_run
 from pipeline.config import parse_config
 from pipeline.errors import CheckpointError
 from pipeline.models import loader as ld
