@@ -330,3 +330,22 @@ def test_diff_entries_on_quantized_layers_take_the_config_alpha_too(tmp_path, sr
     side, merged, plain = run(2.0, False), run(2.0, True), run(None, False)
     assert float((side - merged).abs().max()) < 1e-5
     assert float((side - plain).abs().max()) > 1e-3
+
+
+def test_a_run_with_a_lying_lora_fails_its_rows_naming_the_lora(tmp_path, tiny_root):
+    """Issue 19 case 6 at run time: the rows fail with the LoRA file's name and the reason (before: an
+    AttributeError, or a safetensors error blaming the model folder), results.parquet is written."""
+    from conftest import read_results, run_batch, write_config, write_manifest
+
+    key = "diffusion_model.blocks.0.self_attn.q"
+    bad = _lying(tmp_path / "lying_lora.safetensors",
+                 {f"{key}.lora_down.weight": ["F32", [4, 128], [0, 2048]],
+                  f"{key}.lora_up.weight": {"dtype": "F32", "shape": [128, 4], "data_offsets": [2048, 4096]}},
+                 b"\0" * 4096)
+    config = write_config(tmp_path / "c.json", target_video_length=5, target_height=32, target_width=32,
+                          infer_steps=2, lora_configs=[{"name": "high_noise_model", "path": str(bad)}])
+    manifest = write_manifest(tmp_path / "jobs.parquet", [{"job_id": "a", "prompt": "a dog", "seed": 1}])
+    assert not run_batch(manifest, tmp_path, config=config)
+    row = read_results(tmp_path / "outputs")["a"]
+    assert row["status"] == "failed", row
+    assert "lying_lora.safetensors" in row["error"] and "is a JSON list" in row["error"], row["error"]
