@@ -298,7 +298,7 @@ def test_city96_q4_k_m_expert_loads_as_its_tensors_dequantized(tmp_path, wide):
         a, b, o = (m.eval()(x, t, c, return_dict=False)[0] for m in (ours, ref, orig))
     assert float((a - b).abs().max()) < 1e-5
     err = float((a - o).abs().max()) / float(o.abs().max())
-    assert 0 < err < 0.1  # Q4_K/Q6_K rounding of the bf16 weights, nothing more
+    assert 0 < err < 0.05  # Q4_K/Q6_K rounding of the bf16 weights (measured 0.012 of the max), nothing more
 
 
 def test_diff_entries_on_quantized_layers_take_the_config_alpha_too(tmp_path, src):
