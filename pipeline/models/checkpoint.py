@@ -46,6 +46,30 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def _tensor_info(f: Path, key: str, info) -> tuple[tuple[int, ...], torch.dtype, int, int]:
+    """(shape, dtype, start, end) of one header entry, refusing entries that are not what safetensors writes."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{f}: header entry '{key}' is a JSON {type(info).__name__}, not an object with "
+                              f"dtype, shape and data_offsets")
+    dtype = _ST_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+    if dtype is None:
+        raise CheckpointError(f"{f}: tensor '{key}' has dtype {info.get('dtype')!r} that torch cannot hold")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{f}: tensor '{key}' has shape {shape!r} (expected a list of sizes)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{f}: tensor '{key}' has data_offsets {offsets!r} (expected [start, end])")
+    numel = 1
+    for d in shape:
+        numel *= d
+    need = numel * dtype.itemsize
+    if offsets[1] - offsets[0] != need:
+        raise CheckpointError(f"{f}: tensor '{key}' ({info['dtype']} {shape}) needs {need} bytes but its "
+                              f"data_offsets span {offsets[1] - offsets[0]}")
+    return tuple(shape), dtype, offsets[0], offsets[1]
+
+
 class TensorFiles:
     """Keys -> (file, shape, dtype) of a set of safetensors files; tensors read on demand with safe_open."""
 
@@ -53,12 +77,15 @@ class TensorFiles:
         self.files = [Path(f) for f in files]
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.metadata: dict[Path, dict[str, str]] = {}  # each file's __metadata__ (str -> str)
         for f in self.files:
             self._read_header(f)
         self._stack: ExitStack | None = None
         self._handles: dict[Path, object] = {}
 
     def _read_header(self, f: Path) -> None:
+        """Keys, shapes and dtypes from the header, checked as strictly as safetensors itself checks them when
+        a tensor is read, so a file whose header lies is named here (when it is checked), not later."""
         try:
             with open(f, "rb") as fh:
                 n = int.from_bytes(fh.read(8), "little")
@@ -67,21 +94,34 @@ class TensorFiles:
                 header = json.loads(fh.read(n))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from None
-        end = 0
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{f}: the safetensors header is a JSON {type(header).__name__}, not an object")
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise CheckpointError(f"{f}: the header's __metadata__ must map names to strings")
+        self.metadata[f] = dict(meta)
+        spans = []
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            end = max(end, int(info.get("data_offsets", [0, 0])[1]))
+            shape, dtype, start, end = _tensor_info(f, key, info)
             if key in self._where:
                 raise CheckpointError(f"tensor '{key}' is in both {self._where[key].name} and {f.name}")
-            dtype = _ST_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise CheckpointError(f"{f}: tensor '{key}' has dtype {info.get('dtype')} that torch cannot hold")
             self._where[key] = f
-            self._meta[key] = (tuple(info["shape"]), dtype)
+            self._meta[key] = (shape, dtype)
+            spans.append((start, end, key))
+        spans.sort()
+        pos = 0
+        for start, end, key in spans:  # safetensors wants the tensors back to back, in offset order
+            if start != pos:
+                raise CheckpointError(f"{f}: tensor '{key}' starts at byte {start} of the data, expected {pos} "
+                                      f"(tensors overlap or leave a gap: the header does not describe the file)")
+            pos = end
         size = f.stat().st_size
-        if 8 + n + end > size:
-            raise CheckpointError(f"{f} is truncated ({size} bytes, its header describes {8 + n + end})")
+        if 8 + n + pos > size:
+            raise CheckpointError(f"{f} is truncated ({size} bytes, its header describes {8 + n + pos})")
+        if 8 + n + pos < size:
+            raise CheckpointError(f"{f} has {size - 8 - n - pos} byte(s) after the tensors its header describes")
 
     @classmethod
     def open(cls, path: Path) -> "TensorFiles":

@@ -1,7 +1,8 @@
 """Tiny stand-ins of the real checkpoint files, written from the embedded tiny model in each real format with
 the real key names, dtypes and folder layout: Wan's original layout, LightX2V single files (bf16, scaled fp8,
-int8, ComfyUI's scaled fp8), GGUF experts, LoRAs in each key style, and a tiny Wan2.1 I2V model (one DiT +
-CLIP image encoder). The tests load them through the same loaders a full-size model uses, and `check-config`
+int8, ComfyUI's scaled fp8), GGUF experts (ours, and city96's tools' form), LoRAs in each key style and in the
+forms the real tools write (LightX2V's extractor, Lightning, musubi-tuner, diffusers with metadata), a tiny
+Wan2.1 I2V model (one DiT + CLIP image encoder) and a tiny Wan2.1 T2V model (one DiT). The tests load them through the same loaders a full-size model uses, and `check-config`
 can be tried on them (`write_standin_tree`).
 """
 from __future__ import annotations
@@ -164,11 +165,35 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(*x.shape[:-1], x.shape[-1] // 256 * 144)
 
 
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """A plain Q6_K quantizer (the gguf package has none): blocks of 256 = 16 sub-blocks of 16, value =
+    d * sc * (q - 32) with an int8 sc per sub-block and 6-bit q, packed as the gguf package's dequantizer reads
+    it (low nibbles in ql, high 2 bits in qh, then the scales, then d as float16)."""
+    blocks = x.reshape(-1, 16, 16).astype(np.float32)
+    n = len(blocks)
+    amax = np.abs(blocks).max(axis=2)
+    scale = amax / 31.0
+    d16 = (scale.max(axis=1) / 127.0).astype(np.float16)
+    d = d16.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d[:, None] > 0, np.round(scale / d[:, None]), 0).clip(-128, 127).astype(np.int8)
+        step = d[:, None] * sc.astype(np.float32)
+        q = np.where(step[:, :, None] > 0, np.round(blocks / step[:, :, None]), 0)
+    q = (q.clip(-32, 31) + 32).astype(np.uint8).reshape(n, 2, 128)  # two halves of 128 values
+    low, high = q & 0xF, q >> 4
+    ql = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(n, 128)
+    qh = (high[:, :, 0:32] | (high[:, :, 32:64] << 2) | (high[:, :, 64:96] << 4) | (high[:, :, 96:128] << 6))
+    out = np.concatenate([ql, qh.reshape(n, 64), sc.view(np.uint8), d16.view(np.uint8).reshape(-1, 2)], axis=1)
+    return out.reshape(*x.shape[:-1], x.shape[-1] // 256 * 210)
+
+
 def gguf_quantize(arr: np.ndarray, qtype) -> np.ndarray:
     import gguf
 
     if qtype == gguf.GGMLQuantizationType.Q4_K:
         return quantize_q4_k(arr)
+    if qtype == gguf.GGMLQuantizationType.Q6_K:
+        return quantize_q6_k(arr)
     return gguf.quants.quantize(arr, qtype)
 
 
@@ -228,6 +253,86 @@ def write_gguf_expert(transformer_dir: Path, path: Path, quant: str = "Q8_0") ->
     write_gguf(wan_dit_state(transformer_dir), path, gguf_types_for(quant))
 
 
+# city96's pipeline for Wan (ComfyUI-GGUF tools/): convert.py, then its patched llama-quantize, then
+# fix_5d_tensors.py. Names llama-quantize keeps unquantized for Wan, and the ones its Q4_K_M rules raise to Q6_K.
+_CITY96_KEEP = ("modulation.", "patch_embedding.", "text_embedding.", "time_projection.", "time_embedding.",
+                "img_emb.", "head.")
+_CITY96_Q6K = (".v.weight", ".ffn.2.weight")
+CITY96_FTYPES = {"Q4_K_M": 15, "Q8_0": 7, "BF16": 32}  # gguf.LlamaFileType values
+
+
+def city96_types(state: dict[str, torch.Tensor], ftype: str = "Q4_K_M") -> dict[str, str]:
+    """Each tensor's GGUF type as city96's tools give it, from a bf16 Wan-named state dict: convert.py keeps
+    1-D, small (<= 1024 values) and `.modulation` tensors F32 and writes the rest BF16, leaving the 5-D patch
+    embedding out (fix_5d_tensors.py adds it back as F32, with its 5 dimensions); llama-quantize then
+    quantizes the 2-D tensors outside _CITY96_KEEP: Q4_K_M is Q4_K, with `.v` and `.ffn.2` weights Q6_K, and
+    a K-quant whose rows are not a multiple of 256 falls back to F16."""
+    out = {}
+    for key, t in state.items():
+        if t.dim() > 4 or t.dim() == 1 or t.numel() <= 1024 or ".modulation" in key:
+            out[key] = "F32"
+            continue
+        out[key] = "BF16"
+        if ftype == "BF16" or t.dim() != 2 or any(k in key for k in _CITY96_KEEP):
+            continue
+        if ftype == "Q8_0":
+            out[key] = "Q8_0" if t.shape[-1] % 32 == 0 else "F16"
+        elif ftype == "Q4_K_M":
+            kind = "Q6_K" if key.endswith(_CITY96_Q6K) else "Q4_K"
+            out[key] = kind if t.shape[-1] % 256 == 0 else "F16"
+        else:
+            raise ValueError(f"unknown ftype {ftype!r}")
+    return out
+
+
+def write_gguf_city96(state: dict[str, torch.Tensor], path: Path, ftype: str = "Q4_K_M") -> dict[str, str]:
+    """A Wan expert as city96's tools write it (see city96_types): no `comfy.gguf.orig_shape` (Wan is not a
+    shape_fix architecture), the 5-D patch embedding as a plain 5-D F32 tensor, general.architecture `wan`,
+    the file type and quantization version. `state` should be bf16, as the published checkpoints are."""
+    import gguf
+
+    types = city96_types(state, ftype)
+    with atomic_path(Path(path)) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch="wan")
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(CITY96_FTYPES[ftype])
+        for key, t in state.items():
+            qtype = gguf.GGMLQuantizationType[types[key]]
+            arr = t.float().numpy()
+            if qtype == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(key, np.ascontiguousarray(arr, dtype=np.float32))
+            elif qtype == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(key, np.ascontiguousarray(arr, dtype=np.float16))
+            else:
+                data = gguf.quants.quantize(arr, qtype) if qtype == gguf.GGMLQuantizationType.BF16 \
+                    else gguf_quantize(arr, qtype)
+                writer.add_tensor(key, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return types
+
+
+def build_wide_dit(out: Path, seed: int = 41, layers: int = 2) -> Path:
+    """A randomly initialised diffusers Wan DiT 256 wide (2 heads of 128), so K-quants (rows of 256) apply to its
+    attention and FFN weights as they do at full size; patch (1, 2, 2) gives the 5-D patch embedding. bf16."""
+    from diffusers import WanTransformer3DModel
+
+    from ..tiny import DIT_CONFIG
+
+    torch.manual_seed(seed)
+    cfg = {**DIT_CONFIG, "num_attention_heads": 2, "attention_head_dim": 128, "ffn_dim": 512, "num_layers": layers,
+           "patch_size": (1, 2, 2)}
+    model = WanTransformer3DModel(**cfg).eval()
+    with torch.no_grad():  # diffusers zero-initialises nothing we need, but make every tensor carry signal
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and not name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    return Path(out)
+
+
 # --------------------------------------------------------------------------------------------- LoRA
 LORA_STYLES = ("lightx2v", "comfyui", "diffusers", "kohya")
 
@@ -273,6 +378,108 @@ def write_lora(transformer_dir: Path, path: Path, style: str = "lightx2v", rank:
                     torch.randn(w.shape, generator=g) * scale
     _save_safetensors(out, path)
     return out
+
+
+# LoRAs as the tools that make them write them (`write_tool_lora`): the key names, dtypes, alpha tensors and
+# header metadata of each tool's output.
+TOOL_LORA_FORMS = ("lightx2v-extractor", "lightning", "musubi", "diffusers")
+_LINEAR = re.compile(r"^blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)\.weight$|^blocks\.\d+\.ffn\.(0|2)\.weight$")
+
+
+def _wan21_image_entries(dim: int, layers: int, g: torch.Generator, scale: float) -> dict[str, torch.Tensor]:
+    """Wan-named weights of Wan2.1 I2V's CLIP image conditioning (what a Wan2.1 I2V LoRA also carries)."""
+    out = {}
+    for i in range(layers):
+        for name in ("k_img", "v_img"):
+            out[f"blocks.{i}.cross_attn.{name}.weight"] = torch.randn(dim, dim, generator=g) * scale
+            out[f"blocks.{i}.cross_attn.{name}.bias"] = torch.randn(dim, generator=g) * scale
+        out[f"blocks.{i}.cross_attn.norm_k_img.weight"] = torch.randn(dim, generator=g) * scale
+    for j, shape in (("0", (1280,)), ("1", (1280, 1280)), ("3", (dim, 1280)), ("4", (dim,))):
+        out[f"img_emb.proj.{j}.weight"] = torch.randn(*shape, generator=g) * scale
+    return out
+
+
+def write_tool_lora(transformer_dir: Path, path: Path, form: str, rank: int = 4, seed: int = 0,
+                    scale: float = 0.05, alpha: float = 8.0, image_keys: bool = False,
+                    pair_min_params: int = 1_000_000) -> None:
+    """A LoRA for a diffusers transformer folder in one tool's form:
+
+    lightx2v-extractor  LightX2V tools/extract/lora_extractor.py on (model, model + a random change): every
+                        changed tensor; 2-D weights of at least `pair_min_params` values as an SVD rank-`rank`
+                        pair `diffusion_model.<wan>.lora_up/lora_down.weight`, the rest as full differences
+                        (`.diff` weight, `.diff_b` bias, `.diff_m` modulation: `blocks.<i>.diff_m`); bf16; no alpha.
+    lightning           lightx2v/Wan2.2-Lightning: the blocks' attention and FFN linears, `diffusion_model.<wan>`
+                        `.lora_down.weight` / `.lora_up.weight` / `.alpha`, bf16.
+    musubi              kohya / musubi-tuner (networks.lora_wan): `lora_unet_<wan, dots as _>.lora_down.weight` /
+                        `.lora_up.weight` / `.alpha`, bf16, kohya's `ss_*` header metadata.
+    diffusers           diffusers' save_lora_weights: `transformer.<diffusers>.lora_A.weight` / `.lora_B.weight`,
+                        float32, no alpha tensors: r and lora_alpha only in the header's `lora_adapter_metadata`.
+
+    `image_keys` adds Wan2.1 I2V's image-conditioning entries (k_img, v_img, norm_k_img, img_emb) in the same
+    form, as the Wan2.1 LoRAs people use on Wan2.2 carry them."""
+    if form not in TOOL_LORA_FORMS:
+        raise ValueError(f"unknown LoRA form {form!r}")
+    sd = {k: v.float() for k, v in _state(transformer_dir).items()}
+    wan = {wl.dit_key_to_wan(k): v for k, v in sd.items()}
+    g = torch.Generator().manual_seed(seed)
+    dim = _config(transformer_dir)["num_attention_heads"] * _config(transformer_dir)["attention_head_dim"]
+    if image_keys:
+        layers = _config(transformer_dir)["num_layers"]
+        wan.update({k: v for k, v in _wan21_image_entries(dim, layers, g, 1.0).items() if k not in wan})
+    out: dict[str, torch.Tensor] = {}
+    metadata = None
+    if form == "lightx2v-extractor":
+        for key, w in sorted(wan.items()):
+            diff = torch.randn(w.shape, generator=g) * scale
+            if w.dim() == 2 and key.endswith(".weight") and w.numel() >= pair_min_params:
+                u, sv, vh = torch.linalg.svd(diff, full_matrices=False)
+                r = min(rank, *diff.shape)
+                root = sv[:r].sqrt()
+                base = "diffusion_model." + key.replace(".weight", "")
+                out[base + ".lora_up.weight"] = (u[:, :r] * root.unsqueeze(0)).contiguous()
+                out[base + ".lora_down.weight"] = (root.unsqueeze(1) * vh[:r]).contiguous()
+            elif key.endswith(".weight"):
+                out["diffusion_model." + key.replace(".weight", ".diff")] = diff
+            elif key.endswith(".bias"):
+                out["diffusion_model." + key.replace(".bias", ".diff_b")] = diff
+            elif key.endswith(".modulation"):
+                out["diffusion_model." + key.replace(".modulation", ".diff_m")] = diff
+        out = {k: v.to(torch.bfloat16) for k, v in out.items()}
+    else:
+        to_diffusers = {v: k for k, v in ((k, wl.dit_key_to_wan(k)) for k in sd)}
+        for key, w in sorted(wan.items()):
+            image = any(n in key for n in ("k_img", "v_img"))
+            if not ((_LINEAR.match(key) or (image and w.dim() == 2)) and key.endswith(".weight")):
+                continue
+            down = torch.randn(rank, w.shape[1], generator=g) * scale
+            up = torch.randn(w.shape[0], rank, generator=g) * scale
+            module = key[: -len(".weight")]
+            if form == "lightning":
+                base, dn, upn = f"diffusion_model.{module}", ".lora_down.weight", ".lora_up.weight"
+            elif form == "musubi":
+                base, dn, upn = "lora_unet_" + module.replace(".", "_"), ".lora_down.weight", ".lora_up.weight"
+            else:
+                dif = to_diffusers.get(key)
+                if dif is None:  # an image key the model lacks: diffusers' names of Wan2.1 I2V's layers
+                    dif = key.replace("cross_attn.k_img", "attn2.add_k_proj").replace("cross_attn.v_img",
+                                                                                       "attn2.add_v_proj")
+                base, dn, upn = "transformer." + dif[: -len(".weight")], ".lora_A.weight", ".lora_B.weight"
+            out[base + dn], out[base + upn] = down, up
+            if form in ("lightning", "musubi"):
+                out[base + ".alpha"] = torch.tensor(float(alpha))
+        if form in ("lightning", "musubi"):
+            out = {k: v.to(torch.bfloat16) for k, v in out.items()}
+        if form == "musubi":
+            metadata = {"ss_network_module": "networks.lora_wan", "ss_network_dim": str(rank),
+                        "ss_network_alpha": str(alpha), "ss_base_model_version": "wan2.1_t2v_14B"}
+        elif form == "diffusers":
+            targets = sorted({k.split(".")[-3] for k in out if k.endswith(".lora_A.weight")})
+            cfg = {"r": rank, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+                   "use_dora": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+                   "init_lora_weights": True, "peft_type": "LORA"}
+            metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(
+                {f"transformer.{k}": v for k, v in cfg.items()}, indent=2, sort_keys=True)}
+    _save_safetensors(out, path, metadata)
 
 
 # ------------------------------------------------------------------------------------ T5 / VAE / CLIP
@@ -390,6 +597,25 @@ def build_tiny_wan21_i2v(out: Path) -> Path:
     return Path(out)
 
 
+def build_tiny_wan21_t2v(out: Path) -> Path:
+    """A tiny Wan2.1-T2V (1.3B or 14B: the same layout, one DiT) in the diffusers layout: the tiny T2V model's
+    T5, tokenizer, VAE, scheduler and its high-noise DiT as the one transformer (no transformer_2, no boundary)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from ..tiny import ensure_tiny_models
+
+    base = ensure_tiny_models() / "t2v"
+    pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(base / "tokenizer"),
+                       text_encoder=UMT5EncoderModel.from_pretrained(base / "text_encoder"),
+                       vae=AutoencoderKLWan.from_pretrained(base / "vae"),
+                       scheduler=UniPCMultistepScheduler.from_pretrained(base / "scheduler"),
+                       transformer=WanTransformer3DModel.from_pretrained(base / "transformer"),
+                       transformer_2=None, boundary_ratio=None)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return Path(out)
+
+
 # ------------------------------------------------------------------------------- the whole model tree
 def write_standin_tree(root: Path) -> Path:
     """Tiny stand-ins under the names the configs in configs/ use (`<root>/Wan-AI/...`, `<root>/lightx2v/...`,
@@ -401,6 +627,13 @@ def write_standin_tree(root: Path) -> Path:
     wan21 = root / "Wan-AI" / "Wan2.1-I2V-14B-480P-Diffusers"
     if not (wan21 / "model_index.json").is_file():
         build_tiny_wan21_i2v(wan21)
+    t2v21 = root / "Wan-AI" / "Wan2.1-T2V-1.3B-Diffusers"
+    if not (t2v21 / "model_index.json").is_file():
+        build_tiny_wan21_t2v(t2v21)
+    for size in ("1.3B", "14B"):
+        if size != "1.3B":
+            shutil.copytree(t2v21, root / "Wan-AI" / f"Wan2.1-T2V-{size}-Diffusers", dirs_exist_ok=True)
+        write_wan_layout(t2v21, root / "Wan-AI" / f"Wan2.1-T2V-{size}")
     for task, name in (("t2v", "Wan2.2-T2V-A14B"), ("i2v", "Wan2.2-I2V-A14B")):
         write_wan_layout(tiny / task, root / "Wan-AI" / name)
         shutil.copytree(tiny / task, root / "Wan-AI" / f"{name}-Diffusers", dirs_exist_ok=True)
@@ -424,6 +657,7 @@ def write_standin_tree(root: Path) -> Path:
                 name = f"{repo.replace('-GGUF', '')}-{noise}-{quant}.gguf"
                 write_gguf_expert(tiny / task / sub, root / "QuantStack" / repo / noise / name, quant)
     d21 = root / "lightx2v" / "Wan2.1-Distill-Models"
+    write_single_file(t2v21 / "transformer", d21 / "wan2.1_t2v_14b_lightx2v_4step.safetensors")
     for res in ("480p", "720p"):
         write_single_file(wan21 / "transformer", d21 / f"wan2.1_i2v_{res}_lightx2v_4step.safetensors")
         write_single_file(wan21 / "transformer", d21 / f"wan2.1_i2v_{res}_scaled_fp8_e4m3_lightx2v_4step.safetensors",
