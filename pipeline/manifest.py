@@ -7,6 +7,7 @@ others run; `strict=True` turns them into a refusal too.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
@@ -22,9 +23,9 @@ from .errors import ManifestError, WanBatchError
 
 log = logging.getLogger(__name__)
 
-STRING_COLUMNS = ("prompt", "job_id", "negative_prompt", "image")
+STRING_COLUMNS = ("prompt", "job_id", "negative_prompt", "image", "lora")
 INT_COLUMNS = ("seed", "height", "width", "num_frames", "infer_steps")
-FLOAT_COLUMNS = ("guide_scale", "shift")
+FLOAT_COLUMNS = ("guide_scale", "shift", "lora_strength")
 KNOWN_COLUMNS = set(STRING_COLUMNS) | set(INT_COLUMNS) | set(FLOAT_COLUMNS)
 SAFE_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -39,6 +40,8 @@ class Job:
     seed: int
     overrides: dict[str, Any] = field(default_factory=dict)  # config key -> value
     error: str | None = None  # row-level problem: the row is reported failed, not run
+    # the row's LoRA set (lora_configs items with absolute paths), in place of the config's; None: the config's
+    loras: list[dict[str, Any]] | None = None
 
     @property
     def task(self) -> str:
@@ -106,6 +109,59 @@ def _int_value(value: Any, column: str) -> tuple[int | None, str | None]:
     return int(value), None
 
 
+LORA_NAMES = ("high_noise_model", "low_noise_model", "dit")
+
+
+def parse_row_lora(value: Any, strength: Any, folder: Path) -> tuple[list[dict[str, Any]] | None, list[str]]:
+    """The `lora` / `lora_strength` columns of a row -> (lora_configs items, problems).
+
+    `lora` is a LoRA file's path (for the high-noise expert of a two-expert model, or the DiT of a one-DiT model,
+    as LightX2V's switch_lora(path, strength) applies it; `lora_strength`, default 1, is its strength), or a JSON
+    list of LightX2V lora_configs items [{"path", "strength", "name": high_noise_model | low_noise_model}];
+    "" or "[]" means no LoRA for this row. Relative paths are relative to the manifest's folder."""
+    if value is None:
+        if strength is not None and not (isinstance(strength, float) and math.isnan(strength)):
+            return None, ["column 'lora_strength' is set but column 'lora' is empty"]
+        return None, []
+    text = str(value).strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            return None, [f"column 'lora' is not a valid JSON list: {e}"]
+        if strength is not None and not (isinstance(strength, float) and math.isnan(strength)):
+            return None, ["column 'lora_strength' goes with a single LoRA path; give each item's strength in the list"]
+    elif text:
+        items = [{"path": text, "strength": 1.0 if strength is None or (isinstance(strength, float)
+                                                                         and math.isnan(strength)) else strength}]
+    else:
+        items = []
+    problems, out = [], []
+    if not isinstance(items, list):
+        return None, ["column 'lora' must be a path or a JSON list of {path, strength, name}"]
+    for n, item in enumerate(items):
+        where = f"column 'lora' item {n}"
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"].strip():
+            problems.append(f"{where} must be an object with a 'path' (got {item!r})")
+            continue
+        unknown = sorted(set(item) - {"path", "strength", "name", "alpha"})
+        if unknown:
+            problems.append(f"{where} has unknown field(s) {unknown} (path, strength, name, alpha)")
+        if item.get("name") is not None and item["name"] not in LORA_NAMES:
+            problems.append(f"{where}: name {item['name']!r} is not one of {', '.join(LORA_NAMES)}")
+        for key in ("strength", "alpha"):
+            v = item.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                problems.append(f"{where}: {key} must be a finite number, got {v!r}")
+        lora_path = Path(item["path"])
+        lora_path = (lora_path if lora_path.is_absolute() else folder / lora_path).resolve()
+        if not lora_path.is_file():
+            problems.append(f"{where}: LoRA file not found: {lora_path}")
+        out.append({**item, "path": str(lora_path), "strength": float(item.get("strength", 1.0))
+                    if isinstance(item.get("strength", 1.0), (int, float)) else item.get("strength")})
+    return (None if problems else out), problems
+
+
 def read_manifest(path: str | Path, config: GenerationConfig, strict: bool = False,
                   check_image=None) -> list[Job]:
     """Validate and expand a manifest. `check_image(path) -> None` raises on an unusable image."""
@@ -160,6 +216,9 @@ def read_manifest(path: str | Path, config: GenerationConfig, strict: bool = Fal
             overrides[key] = value
         errors += check_values(overrides, where="column", names={k: c for c, k in ROW_OVERRIDES.items()})
 
+        loras, lora_problems = parse_row_lora(raw.get("lora"), raw.get("lora_strength"), path.parent)
+        errors += lora_problems
+
         image = raw.get("image")
         if image:
             image_path = Path(image)
@@ -172,7 +231,7 @@ def read_manifest(path: str | Path, config: GenerationConfig, strict: bool = Fal
                     errors.append(f"column 'image': {e}")
         jobs.append(Job(row=i, job_id=job_id, prompt=str(prompt or ""),
                         negative_prompt=raw.get("negative_prompt"), image=image or None, seed=seed,
-                        overrides=overrides,
+                        overrides=overrides, loras=loras,
                         error="; ".join(f"row {i}: {e}" for e in errors) or None))
 
     if manifest_problems:

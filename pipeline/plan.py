@@ -8,7 +8,8 @@ Positive and negative prompts are separate EncodeText artifacts, so a negative p
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from .config import GenerationConfig, guide_scales
 from .errors import WanBatchError
 from .manifest import Job
-from .models.loader import fingerprint, resolve_model, scheduler_config
+from .models.loader import fingerprint, resolve_model, row_loras, scheduler_config
 from .fast.perf import perf_runtime
 from .runtime import resolve_device, resolve_dtype
 from .spec import StageSpec
@@ -68,10 +69,18 @@ class Planner:
                         **perf_runtime(config.values)}
         self._models: dict[str, Any] = {}
 
-    def _model(self, task: str):
+    def _model(self, task: str, loras: list[dict[str, Any]] | None = None):
+        """The model of a task; with a row's LoRA set, the same model with that set on its experts (its
+        fingerprint, hence the denoise keys and the resident expert, follow the set)."""
         if task not in self._models:
             self._models[task] = resolve_model(self.config, task)
-        return self._models[task]
+        ref = self._models[task]
+        if loras is None:
+            return ref
+        memo = (task, json.dumps(loras, sort_keys=True))
+        if memo not in self._models:
+            self._models[memo] = replace(ref, loras=row_loras(loras, ref.experts))
+        return self._models[memo]
 
     def _component(self, ref, component: str) -> dict[str, Any]:
         return {**ref.to_dict(), "component": component}
@@ -101,7 +110,7 @@ class Planner:
 
     def _plan(self, job: Job) -> StageSpec:
         v = self.config.with_overrides(job.overrides)
-        ref = self._model(job.task)
+        ref = self._model(job.task, job.loras)
         height, width, frames = v["target_height"], v["target_width"], v["target_video_length"]
         shape = [1, LATENT_CHANNELS, (frames - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL, width // VAE_SPATIAL]
         text_len = v["text_len"]

@@ -274,6 +274,18 @@ def _file_identity(path: Path) -> list[Any]:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
+def row_loras(items: list[dict[str, Any]], experts: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    """A manifest row's LoRA set (lora_configs items, absolute paths) -> ModelRef.loras. An item without a
+    name goes to the high-noise expert of a two-expert model and to the DiT of a one-DiT model, as LightX2V's
+    switch_lora(path, strength) applies it."""
+    from .lora import parse_lora_configs
+
+    default = "high_noise_model" if "high" in experts else None
+    items = [dict(item, name=item.get("name") or default) if default else item for item in items]
+    specs = parse_lora_configs(items, experts, lambda p: p)
+    return {e: [s.to_dict() for s in group] for e, group in specs.items()}
+
+
 def fingerprint(ref: ModelRef, component: str) -> str:
     """Short stable id of a component: its files' identities, plus for an expert its LoRAs (strength 0 is
     no LoRA) and quantization. Feeds the cache keys."""
