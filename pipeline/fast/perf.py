@@ -43,6 +43,10 @@ def load_dit(load, ref, component: str, device: torch.device, dtype: torch.dtype
     from .attention import apply_attention
 
     report: dict[str, Any] = {}
+    if device.type == "cuda":
+        from .accel import use_compile_cache
+
+        use_compile_cache()  # before anything of this process compiles (Inductor reads its directory once)
     offload = bool(runtime.get("cpu_offload")) and runtime.get("offload_granularity", "block") in ("block", "phase")
     if offload and device.type != "cuda":
         report["offload"] = "not used: cpu_offload streams to a GPU and the device is " + device.type
