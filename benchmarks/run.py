@@ -600,7 +600,7 @@ def section_compile(b: Bench) -> None:
         runs = []
         for attempt in ("cold", "warm"):
             cmd = [sys.executable, "-m", "benchmarks.run", "--sections", "compile_child", "--size", b.size,
-                   "--layers", str(layers), "--res", b.resolutions()[0], "--out", str(b.out / f"compile_{attempt}")]
+                   "--layers", str(layers), "--res", b.resolutions()[0], "--out", str(Path(home) / f"bench_{attempt}")]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
             wall = time.perf_counter() - t0
