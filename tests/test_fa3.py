@@ -82,3 +82,23 @@ def test_lightx2v_names_map_to_ours_and_fall_back_with_the_reason():
             assert resolve_backend(name, torch.device("cuda")).backend == ours
     # not set: SDPA off Hopper, with no warning (nothing was asked for)
     assert resolve_backend(None, torch.device("cpu"), default_fa3=True).reason is None
+
+
+def test_compile_caches_live_under_wan_batch_home(tmp_path, monkeypatch):
+    """Even after torch has put its own default in the environment (importing fast.fa3 registers ops, which
+    does), the caches move under WAN_BATCH_HOME; a directory the user chose is kept."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from pipeline.fast.accel import use_compile_cache
+
+    monkeypatch.setenv("WAN_BATCH_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    cache_dir()  # torch's default now in the environment
+    dirs = use_compile_cache()
+    assert dirs["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile-cache" / "inductor")
+    assert cache_dir() == dirs["TORCHINDUCTOR_CACHE_DIR"]  # what Inductor will use
+    assert dirs["TRITON_CACHE_DIR"] == str(tmp_path / "compile-cache" / "triton")
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mine))
+    assert use_compile_cache()["TORCHINDUCTOR_CACHE_DIR"] == str(mine)

@@ -34,10 +34,16 @@ def use_compile_cache() -> dict[str, str]:
     """Point Inductor's and Triton's on-disk caches at WAN_BATCH_HOME (unless the user set them) and turn the
     persistent caches on. Returns the directories used. Must run before the first compile of the process:
     both read their directory when they first compile."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     root = compile_cache_dir()
+    # torch writes its default into the environment the first time anything asks (registering a custom op
+    # does), so a value equal to (or under) the default is torch's, not the user's
+    torch_default = os.path.abspath(default_cache_dir())
     dirs = {}
     for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
-        if not os.environ.get(var):
+        value = os.environ.get(var)
+        if not value or os.path.abspath(value).startswith(torch_default):
             os.environ[var] = str(root / sub)
         dirs[var] = os.environ[var]
         Path(dirs[var]).mkdir(parents=True, exist_ok=True)
