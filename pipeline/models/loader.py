@@ -207,10 +207,17 @@ def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
     loras = parse_lora_configs(config.get("lora_configs"), experts, config.resolve_path)
     if config.get("t5_quantized"):
         raise CheckpointError("t5_quantized is not supported: use the bf16 T5 (models_t5_umt5-xxl-enc-bf16.pth)")
-    return ModelRef(path=str(folder), task=task, format=fmt, family=family, experts=experts,
-                    boundary_ratio=boundary, dits=dits,
-                    loras={e: [s.to_dict() for s in specs] for e, specs in loras.items()},
-                    quant_scheme=scheme, image_encoder=image_encoder)
+    ref = ModelRef(path=str(folder), task=task, format=fmt, family=family, experts=experts,
+                   boundary_ratio=boundary, dits=dits,
+                   loras={e: [s.to_dict() for s in specs] for e, specs in loras.items()},
+                   quant_scheme=scheme, image_encoder=image_encoder)
+    if config.get("lazy_load") and config.get("cpu_offload"):  # refused when read, as at run time
+        from ..fast.lazy import lora_refusal
+
+        for e in experts:
+            if lora_refusal(ref, e):
+                raise CheckpointError(lora_refusal(ref, e))
+    return ref
 
 
 # ---------------------------------------------------------------------------------------------- files
