@@ -102,3 +102,12 @@ def test_compile_caches_live_under_wan_batch_home(tmp_path, monkeypatch):
     mine = tmp_path / "mine"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mine))
     assert use_compile_cache()["TORCHINDUCTOR_CACHE_DIR"] == str(mine)
+
+
+def test_lossy_attention_is_named_for_the_cache_key():
+    from pipeline.fast.attention import lossy_attention
+
+    assert lossy_attention({"self_attn_1_type": "sage_attn2"}) == "fa3_fp8"
+    assert lossy_attention({"cross_attn_2_type": "fa3_fp8"}) == "fa3_fp8"
+    assert lossy_attention({"self_attn_1_type": "flash_attn3", "cross_attn_1_type": "torch_sdpa"}) is None
+    assert lossy_attention({}) is None

@@ -133,3 +133,12 @@ def apply_attention(transformer: torch.nn.Module, self_type: str | None, cross_t
 def attention_types(config: dict) -> tuple[str | None, str | None]:
     """(self-attention, cross-attention) names from a LightX2V config; cross_attn_1_type wins over _2."""
     return config.get("self_attn_1_type"), config.get("cross_attn_1_type") or config.get("cross_attn_2_type")
+
+
+def lossy_attention(config: dict) -> str | None:
+    """'fa3_fp8' when the config asks for fp8 attention (self or cross), else None. Unlike the exact kernels,
+    it changes the result beyond rounding, so the denoise stage's cache key should carry it (plan.py)."""
+    for name in (config.get("self_attn_1_type"), config.get("cross_attn_1_type"), config.get("cross_attn_2_type")):
+        if name and _diffusers_name(str(name)) == "fa3_fp8":
+            return "fa3_fp8"
+    return None
