@@ -5,8 +5,10 @@ architecture with random weights built on the GPU (nothing is downloaded).
     python -m benchmarks.run --size smoke          # the same code on the tiny architecture (CPU is fine)
     python -m benchmarks.run --sections dit,batch --jobs 8 --layers 20
 
-Sections: micro (linear and attention kernels), dit (one CFG step at 480p/720p: diffusers' two bf16 SDPA
-forwards vs ours, each fast path added in turn, with its error against the bf16 reference), offload (the same
+Sections: micro (linear kernels; attention kernels cuDNN SDPA, FA3 bf16, FA3 fp8, each with its error against
+float32 attention), compile (the compile warm-up of a new process with a cold and a warm Inductor cache under
+WAN_BATCH_HOME), dit (one CFG step at 480p/720p: diffusers' two bf16 SDPA forwards vs ours, each fast path added
+in turn, then the step with each attention kernel, with its error against the bf16 reference), offload (the same
 step with the blocks streamed under a 24 GB and an 8 GB VRAM cap, and several jobs per streamed block), vae
 (decode), batch (a 4-step distilled T2V+I2V batch through the staged Luigi pipeline vs a loop over diffusers'
 WanPipeline / WanImageToVideoPipeline, in videos/hour). Every measurement is a JSON line (stdout, and
@@ -114,9 +116,6 @@ def section_micro(b: Bench) -> None:
     if b.device.type != "cuda":
         b.emit(section="micro", skipped="needs CUDA")
         return
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    from pipeline.fast.attention import resolve_backend
     from pipeline.fast.fp8_matmul import FP8, QuantLinear, probe
 
     b.emit(section="micro", kernels=probe(b.device))
