@@ -5,8 +5,10 @@ architecture with random weights built on the GPU (nothing is downloaded).
     python -m benchmarks.run --size smoke          # the same code on the tiny architecture (CPU is fine)
     python -m benchmarks.run --sections dit,batch --jobs 8 --layers 20
 
-Sections: micro (linear and attention kernels), dit (one CFG step at 480p/720p: diffusers' two bf16 SDPA
-forwards vs ours, each fast path added in turn, with its error against the bf16 reference), offload (the same
+Sections: micro (linear kernels; attention kernels cuDNN SDPA, FA3 bf16, FA3 fp8, each with its error against
+float32 attention), compile (the compile warm-up of a new process with a cold and a warm Inductor cache under
+WAN_BATCH_HOME), dit (one CFG step at 480p/720p: diffusers' two bf16 SDPA forwards vs ours, each fast path added
+in turn, then the step with each attention kernel, with its error against the bf16 reference), offload (the same
 step with the blocks streamed under a 24 GB and an 8 GB VRAM cap, and several jobs per streamed block), vae
 (decode), batch (a 4-step distilled T2V+I2V batch through the staged Luigi pipeline vs a loop over diffusers'
 WanPipeline / WanImageToVideoPipeline, in videos/hour). Every measurement is a JSON line (stdout, and
@@ -47,7 +49,7 @@ class Bench:
 
     # ---- reporting ----
     def emit(self, **rec: Any) -> dict[str, Any]:
-        rec = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}
+        rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()}
         self.records.append(rec)
         line = json.dumps(rec, default=str)
         print("BENCH " + line, flush=True)
@@ -114,9 +116,6 @@ def section_micro(b: Bench) -> None:
     if b.device.type != "cuda":
         b.emit(section="micro", skipped="needs CUDA")
         return
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    from pipeline.fast.attention import resolve_backend
     from pipeline.fast.fp8_matmul import FP8, QuantLinear, probe
 
     b.emit(section="micro", kernels=probe(b.device))
@@ -134,29 +133,90 @@ def section_micro(b: Bench) -> None:
         b.row(f"linear {m}x{k}->{n} (fp8 vs bf16)", res["fp8"], res["bf16"], note=f"int8 {res['int8']*1e3:.2f} ms")
     heads, dim = 40, 128
     for res_name in ("480p", "720p"):
-        s_len = b.tokens(res_name)
-        q, k_, v = (torch.randn(1, s_len, heads, dim, device=b.device, dtype=torch.bfloat16) for _ in range(3))
-        flops = 4 * s_len * s_len * heads * dim
-        times = {}
-        for backend in ("native", "_native_cudnn", "_native_flash", "_native_efficient"):
-            choice = resolve_backend(backend, b.device)
-            if choice.reason:
-                b.emit(section="micro", op="attention", backend=backend, skipped=choice.reason)
-                continue
-            try:
-                s, _, _ = b.time(lambda bk=backend: dispatch_attention_fn(q, k_, v, backend=bk),
-                                 reps=3 if res_name == "480p" else 1, warmup=1)
-            except RuntimeError as e:
-                b.emit(section="micro", op="attention", backend=backend, error=str(e).splitlines()[0])
-                continue
-            times[backend] = s
-            b.emit(section="micro", op="attention", res=res_name, backend=backend, ms=s * 1e3,
-                   tflops=flops / s / 1e12)
-        if res_name == "480p" and times:
-            b.best_attn = min(times, key=times.get)
-            b.row(f"self-attention 1 layer {res_name} (best: {b.best_attn})", times[b.best_attn],
-                  times.get("native"), note="x40 layers per forward")
-        del q, k_, v
+        _attention_kernels(b, res_name, heads, dim)
+
+
+ATTN_KERNELS = ("native", "_native_cudnn", "_native_flash", "fa3", "fa3_fp8")
+
+
+def _attn_inputs(b: Bench, s_len: int, heads: int, dim: int, seed: int):
+    """q, k, v [1, S, H, D] bf16 with what DiT attention inputs have and plain randn lacks: a shared per-channel
+    offset in K (after QK-norm) and a few large channels, so K smoothing and the fp8 scales are exercised."""
+    g = torch.Generator(b.device).manual_seed(seed)
+    shape = (1, s_len, heads, dim)
+    chan = 1 + 3 * (torch.rand(1, 1, heads, dim, device=b.device, generator=g) > 0.95)  # outlier channels
+    q = torch.randn(shape, device=b.device, generator=g) * chan
+    k = torch.randn(shape, device=b.device, generator=g) * chan + 2 * torch.randn(1, 1, heads, dim, device=b.device,
+                                                                                 generator=g)
+    v = torch.randn(shape, device=b.device, generator=g) + 0.5 * torch.randn(1, 1, heads, dim, device=b.device,
+                                                                              generator=g)
+    return [t.to(torch.bfloat16) for t in (q, k, v)]
+
+
+def _attention_kernels(b: Bench, res_name: str, heads: int, dim: int) -> None:
+    """Each self-attention kernel on one layer's shape: time, TFLOP/s, and its error against float32 attention
+    (the memory-efficient kernel on float32 inputs) on the same inputs."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    from pipeline.fast.attention import resolve_backend
+
+    s_len = b.tokens(res_name)
+    q, k_, v = _attn_inputs(b, s_len, heads, dim, seed=11)
+    flops = 4 * s_len * s_len * heads * dim
+    ref = None
+    if res_name == "480p":
+        ref = dispatch_attention_fn(q.float(), k_.float(), v.float(), backend="_native_efficient").float()
+    times, errs = {}, {}
+    for backend in ATTN_KERNELS:
+        choice = resolve_backend(backend, b.device)
+        if choice.reason:
+            b.emit(section="micro", op="attention", backend=backend, skipped=choice.reason)
+            continue
+        name = choice.diffusers_name
+        try:
+            s, _, out = b.time(lambda bk=name: dispatch_attention_fn(q, k_, v, backend=bk),
+                               reps=5 if res_name == "480p" else 2, warmup=2)
+        except RuntimeError as e:
+            b.emit(section="micro", op="attention", backend=backend, error=str(e).splitlines()[0])
+            continue
+        times[backend] = s
+        rec = {"section": "micro", "op": "attention", "res": res_name, "backend": backend, "ms": s * 1e3,
+               "tflops": flops / s / 1e12}
+        if ref is not None:
+            errs[backend] = _compare(ref, out)
+            rec.update(cos=errs[backend]["pred_cos"], rel_l2=errs[backend]["pred_rel_l2"])
+        b.emit(**rec)
+    if res_name == "480p":  # the quantization alone (fp8 without K/V smoothing, for the record)
+        for smooth in (False, True):
+            emu = _fp8_emulated(q, k_, v, smooth)
+            b.emit(section="micro", op="attention fp8 emulated (float32 attention of e4m3-rounded inputs)",
+                   smoothing=smooth, cos=_compare(ref, emu)["pred_cos"], rel_l2=_compare(ref, emu)["pred_rel_l2"])
+    exact = [k for k in times if k != "fa3_fp8"]
+    if res_name == "480p" and exact:
+        b.best_attn = min(exact, key=times.get)
+    base = times.get("_native_cudnn") or times.get("native")
+    for backend in ("_native_cudnn", "fa3", "fa3_fp8"):
+        if backend in times:
+            err = errs.get(backend)
+            b.row(f"self-attention 1 layer {res_name}: {backend}", times[backend], base,
+                  note=(f"cos {err['pred_cos']:.6f}, rel L2 {err['pred_rel_l2']:.2e} vs fp32; " if err else "")
+                  + f"{flops / times[backend] / 1e12:.0f} TFLOP/s; ratio vs cuDNN")
+    del q, k_, v, ref
+
+
+def _fp8_emulated(q, k, v, smooth: bool) -> torch.Tensor:
+    """float32 attention of the e4m3-rounded inputs, in query chunks (the full score matrix would not fit)."""
+    from pipeline.fast import fa3
+
+    if smooth:
+        (q8, k8, v8, qs, ks, vs), v_mean = fa3.smooth_and_quantize(q, k, v)
+    else:
+        (q8, qs), (k8, ks), (v8, vs) = (fa3.quantize_per_head(t.float()) for t in (q, k, v))
+        v_mean = None
+    deq = lambda t, s: (t.float() * s[:, None, :, None]).transpose(1, 2)  # noqa: E731
+    qd, kd, vd = deq(q8, qs), deq(k8, ks), deq(v8, vs)
+    out = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd).transpose(1, 2)
+    return out if v_mean is None else out + v_mean
 
 
 # ---- dit: one denoising step ---------------------------------------------------------------------------------
@@ -228,8 +288,16 @@ def section_dit(b: Bench) -> None:
         return s, rec
 
     apply_attention(model, b.best_attn, b.best_attn, b.device)
-    s_bf16, _ = ours_step(f"ours bf16, {b.best_attn}, batched CFG")
+    s_bf16, rec_bf16 = ours_step(f"ours bf16, {b.best_attn}, batched CFG")
     b.state["unconstrained_step_s"] = s_bf16
+    if b.device.type == "cuda" and not apply_attention(model, "fa3_fp8", b.best_attn, b.device)["self"]["reason"]:
+        # fp8 attention's own error, bf16 weights (with fp8 linears below, theirs dominates the step's error)
+        s_a, rec_a = ours_step("ours bf16, self-attention fa3_fp8, batched CFG")
+        b.row(f"DiT CFG step {res0}, bf16 weights (eager): {b.best_attn} -> fa3_fp8 self-attention", s_a, s_bf16,
+              note=f"cos {rec_a.get('pred_cos', 1):.5f} / rel L2 {rec_a.get('pred_rel_l2', 0):.4f} vs diffusers bf16 "
+                   f"({b.best_attn}: cos {rec_bf16.get('pred_cos', 1):.5f} / {rec_bf16.get('pred_rel_l2', 0):.4f}); "
+                   f"ratio vs {b.best_attn}")
+        apply_attention(model, b.best_attn, b.best_attn, b.device)
     if "offload" in b.args.sections and b.device.type == "cuda":
         try:
             section_offload(b, model, (x, t, ctx, ctx_null), ref, base[res0]["step_s"])
@@ -248,9 +316,25 @@ def section_dit(b: Bench) -> None:
         ours_step("ours fp8 (eager), batched CFG")
         report = compile_blocks(model)
         b.emit(section="dit", compile=report)
-    s_fast, rec = ours_step("ours fp8 + compile, batched CFG", warmup=1, reps=b.args.reps)
-    b.row(f"DiT CFG step {res0} (2 forwards)", s_fast, base[res0]["step_s"], rec["peak_gb"], base[res0]["peak"],
-          note=f"compile warm-up {rec['warmup_s'] or 0:.0f} s; cos {rec.get('pred_cos', 1):.4f} vs bf16")
+    s_fast, rec = ours_step(f"ours fp8 + compile, {b.best_attn}, batched CFG", warmup=1, reps=b.args.reps)
+    b.row(f"DiT CFG step {res0} (2 forwards), fp8 linears + compile + {b.best_attn}", s_fast, base[res0]["step_s"],
+          rec["peak_gb"], base[res0]["peak"],
+          note=f"compile warm-up {rec['warmup_s'] or 0:.0f} s; cos {rec.get('pred_cos', 1):.5f} / rel L2 "
+               f"{rec.get('pred_rel_l2', 0):.4f} vs bf16")
+    attn_variants = [a for a in ("_native_cudnn", "fa3", "fa3_fp8") if a != b.best_attn]
+    for attn in attn_variants if b.device.type == "cuda" else []:
+        rep = apply_attention(model, attn, b.best_attn, b.device)
+        if rep["self"]["reason"]:
+            b.emit(section="dit", attention=attn, skipped=rep["self"]["reason"])
+            continue
+        for res in b.resolutions():
+            s_a, rec_a = ours_step(f"ours fp8 + compile, self-attention {attn}", warmup=1,
+                                   reps=b.args.reps if res == res0 else 1, res=res)
+            err = (f"cos {rec_a['pred_cos']:.5f} / rel L2 {rec_a['pred_rel_l2']:.4f} vs bf16; "
+                   if "pred_cos" in rec_a else "")
+            b.row(f"DiT CFG step {res} (2 forwards), fp8 linears + compile + {attn}", s_a, base[res]["step_s"],
+                  rec_a["peak_gb"], base[res]["peak"], note=err + f"recompile {rec_a['warmup_s'] or 0:.0f} s")
+    apply_attention(model, b.best_attn, b.best_attn, b.device)
     if full and b.device.type == "cuda" and b.args.profile:
         try:
             _profile(b, lambda: predict_noise(model, xin, t, ctx, ctx_null, g, batched_cfg=True), f"dit_{res0}")
@@ -506,7 +590,64 @@ def _diffusers_loop(b: Bench, folders: dict[str, Path], rows: list[dict[str, Any
     return spent
 
 
-SECTIONS = {"micro": section_micro, "dit": section_dit, "vae": section_vae, "batch": section_batch}
+# ---- compile: warm-up in a fresh process, with a cold and a warm on-disk cache -----------------------------------
+
+def section_compile(b: Bench) -> None:
+    """The compile warm-up of the first CFG step in a new process: once with an empty WAN_BATCH_HOME (cold), then
+    again in a second process on the same home (Inductor's caches there: accel.use_compile_cache)."""
+    import subprocess
+    import tempfile
+
+    if b.device.type != "cuda":
+        b.emit(section="compile", skipped="needs CUDA")
+        return
+    layers = min(b.args.layers or 40, 4)  # one graph serves every block: the warm-up does not grow with depth
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "WAN_BATCH_HOME": home}
+        for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+            env.pop(var, None)
+        runs = []
+        for attempt in ("cold", "warm"):
+            cmd = [sys.executable, "-m", "benchmarks.run", "--sections", "compile_child", "--size", b.size,
+                   "--layers", str(layers), "--res", b.resolutions()[0], "--out", str(Path(home) / f"bench_{attempt}")]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+            wall = time.perf_counter() - t0
+            rec = next((json.loads(line[6:]) for line in proc.stdout.splitlines()
+                        if line.startswith("BENCH ") and '"compile_child"' in line and "warmup_s" in line), None)
+            if rec is None:
+                b.emit(section="compile", attempt=attempt, error=(proc.stderr or proc.stdout)[-1500:])
+                return
+            runs.append(rec)
+            b.emit(section="compile", attempt=attempt, process_wall_s=wall, **{k: rec[k] for k in
+                   ("warmup_s", "step_s", "attention", "cache")})
+    cold, warm = runs
+    b.row(f"compile warm-up, first CFG step {b.resolutions()[0]} ({layers} layers; new process)", warm["warmup_s"],
+          cold["warmup_s"], note="ours = second process (caches under WAN_BATCH_HOME), diffusers column = cold "
+                                 f"first process; steady step {cold['step_s']:.2f} s")
+
+
+def section_compile_child(b: Bench) -> None:
+    from pipeline.fast.accel import compile_blocks
+    from pipeline.fast.attention import apply_attention
+    from pipeline.fast.fp8_matmul import FP8, quantize_blocks
+    from pipeline.stages.denoise import predict_noise
+
+    res = b.resolutions()[0]
+    model = build_dit(dit_config(b.size, "t2v", b.args.layers), b.device, b.dtype)
+    attention = apply_attention(model, None, None, b.device)["self"]["backend"]  # the default: fa3 on Hopper
+    quantize_blocks(model, FP8)
+    report = compile_blocks(model)
+    x, t, ctx, ctx_null = _inputs(b, res)
+    xin = x.to(b.dtype)
+    s, first, _ = b.time(lambda: predict_noise(model, xin, t, ctx, ctx_null, 5.0, batched_cfg=True), reps=2,
+                         warmup=1)
+    b.emit(section="compile_child", warmup_s=first - s, first_call_s=first, step_s=s, attention=attention,
+           cache=report.get("cache"), compiled=report["compiled"])
+
+
+SECTIONS = {"micro": section_micro, "dit": section_dit, "vae": section_vae, "batch": section_batch,
+            "compile": section_compile, "compile_child": section_compile_child}
 
 
 def print_table(b: Bench, quiet: bool = False) -> str:

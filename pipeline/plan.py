@@ -19,6 +19,7 @@ from .config import GenerationConfig, guide_scales
 from .errors import WanBatchError
 from .manifest import Job
 from .models.loader import fingerprint, resolve_model, row_loras, scheduler_config
+from .fast.attention import lossy_attention
 from .fast.perf import perf_runtime
 from .runtime import resolve_device, resolve_dtype
 from .spec import StageSpec
@@ -139,7 +140,9 @@ class Planner:
         for expert in experts:
             params = {"seed": job.seed, "latent_shape": shape, "schedule": schedule, "steps": ranges[expert],
                       "cfg": cfg, "guide_scale": scales[expert] if cfg else None,
-                      "dit": fingerprint(ref, expert), "dtype": self.runtime["dtype"]}
+                      "dit": fingerprint(ref, expert), "dtype": self.runtime["dtype"],
+                      # fp8 attention changes the result beyond rounding: its denoise artifacts are its own
+                      **({"attention": lossy} if (lossy := lossy_attention(v)) else {})}
             upstream = {**texts, **image, **({"prev": prev} if prev else {})}
             prev = StageSpec(f"denoise-{expert}", params, upstream, model=self._component(ref, expert),
                              runtime=self.runtime)

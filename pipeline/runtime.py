@@ -13,7 +13,6 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -172,22 +171,42 @@ def get_model(spec, fingerprint: str, component: str | None = None, device: torc
 
 
 def load_fast_dit(load, ref, component: str, device: torch.device, dtype: torch.dtype, runtime: dict[str, Any],
-             budget: int) -> torch.nn.Module:
+                  budget: int) -> torch.nn.Module:
     """Load a DiT expert with `load(ref, component, device, dtype)` and apply the run's fast paths.
     The choices made (and why a path was not taken) are kept on the model as `wan_batch_perf`."""
     from .fast.attention import apply_attention
 
     report: dict[str, Any] = {}
+    if device.type == "cuda":
+        from .fast.accel import use_compile_cache
+
+        use_compile_cache()  # before anything of this process compiles (Inductor reads its directory once)
     offload = bool(runtime.get("cpu_offload")) and runtime.get("offload_granularity", "block") in ("block", "phase")
     if offload and device.type != "cuda":
         report["offload"] = "not used: cpu_offload streams to a GPU and the device is " + device.type
         offload = False
-    model = load(ref, component, torch.device("cpu") if offload else device, dtype)
+    source = None
+    if offload and runtime.get("lazy_load") and getattr(ref, "dits", None):
+        from safetensors import SafetensorError
+
+        from .errors import CheckpointError
+        from .models.lazy import ExpertSource
+
+        # the streamed blocks are never loaded here: a skeleton with them on the meta device, read on use
+        try:
+            source = ExpertSource(ref, component, dtype)
+            model = source.skeleton(runtime.get("offload_granularity", "block"))
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+            raise CheckpointError(f"cannot load the {component} model from {ref.path}: {e}") from e
+    else:
+        model = load(ref, component, torch.device("cpu") if offload else device, dtype)
+    if runtime.get("lazy_load") and not offload:
+        report["lazy_load"] = "not used: lazy_load streams blocks under cpu_offload (block or phase) on a GPU"
     report["attention"] = apply_attention(model, runtime.get("self_attn_1_type"),
                                           runtime.get("cross_attn_1_type") or runtime.get("cross_attn_2_type"),
                                           device)
     if offload:
-        report["offload"] = _stream(model, ref, component, device, runtime, budget)
+        report["offload"] = _stream(model, component, device, runtime, budget, source)
     if runtime.get("torch_compile"):
         if offload:
             report["compile"] = "not used: the streaming hooks cannot run inside a compiled block"
@@ -202,22 +221,14 @@ def load_fast_dit(load, ref, component: str, device: torch.device, dtype: torch.
     return model
 
 
-def _stream(model, ref, component: str, device: torch.device, runtime: dict[str, Any], budget: int) -> dict:
-    from .models.loader import COMPONENTS
-    from .fast.offload import BlockStreamer, plan_resident_units, safetensors_source
+def _stream(model, component: str, device: torch.device, runtime: dict[str, Any], budget: int, source) -> dict:
+    from .fast.offload import BlockStreamer, plan_resident_units
 
     granularity = runtime.get("offload_granularity", "block")
     reserve = int(float(runtime.get("activation_reserve_gb") or perf.DEFAULT_ACTIVATION_RESERVE_GB) * 2**30)
     resident = plan_resident_units(model, granularity, budget, reserve)
-    source, note = None, None
-    if runtime.get("lazy_load"):
-        files = sorted(str(f) for f in (Path(ref.path) / COMPONENTS[component][0]).glob("*.safetensors"))
-        if getattr(ref, "format", "diffusers") == "diffusers" and files:
-            source = safetensors_source(files)
-        else:
-            note = "lazy_load needs the diffusers layout's safetensors shards: weights kept in pinned RAM"
-            log.warning("%s: %s", component, note)
     streamer = BlockStreamer(model, device, granularity, resident_units=resident, lazy_source=source)
-    model.wan_batch_streamer = streamer  # keeps the hooks and buffers alive with the model
+    model.wan_batch_streamer = streamer  # keeps the hooks, buffers and the open checkpoint alive with the model
     return {"granularity": granularity, "resident_units": resident, "streamed_units": len(streamer.streamed),
-            "lazy_load": source is not None, "note": note}
+            "lazy_load": source is not None,
+            "lazy_source": str(source.weights.path) if source is not None else None}

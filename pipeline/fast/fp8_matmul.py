@@ -60,6 +60,9 @@ def _quantizer(dtype: torch.dtype) -> Callable:
         return lambda x: quantize_rows(x, dtype)  # traced into the caller's graph and fused there
     key = str(dtype)
     if key not in _compiled:
+        from .accel import use_compile_cache
+
+        use_compile_cache()  # before this process's first compile: the caches' directory is read then
         try:
             _compiled[key] = torch.compile(lambda x: quantize_rows(x, dtype), dynamic=True)
         except Exception as e:  # noqa: BLE001 - compile unavailable: eager ops are correct, only slower

@@ -11,8 +11,9 @@ Units that fit the VRAM budget stay resident (`resident_units`): with 24 GB a bf
 blocks and streams the rest; with 8 GB it streams nearly all. Running several jobs of a stage as one batch
 (block-major across jobs) makes each streamed unit serve every job before the next is fetched.
 
-`lazy_load` keeps nothing on the CPU: each unit is read from the safetensors file(s) when it is needed, in a
-background thread one unit ahead, into a pinned staging buffer (the RAM floor is two units).
+`lazy_load` keeps nothing on the CPU: each unit is read from the expert's checkpoint (models.lazy.ExpertSource:
+whatever format the loader resolved) when it is needed, in a background thread one unit ahead, into a pinned
+staging buffer (the RAM floor is two units, plus the non-block weights).
 """
 from __future__ import annotations
 
@@ -86,7 +87,11 @@ def _views(flat: torch.Tensor, unit: _Unit) -> list[torch.Tensor]:
 def _bind(unit: _Unit, tensors: list[torch.Tensor]) -> None:
     for e, t in zip(unit.entries, tensors):
         if e.is_param:
-            e.module._parameters[e.name].data = t
+            p = e.module._parameters[e.name]
+            if p.is_meta:  # lazy_load's skeleton: a meta parameter cannot take real data in place
+                e.module._parameters[e.name] = torch.nn.Parameter(t, requires_grad=False)
+            else:
+                p.data = t
         else:
             e.module._buffers[e.name] = t
 
@@ -120,7 +125,8 @@ class BlockStreamer:
         resident_units = max(0, min(resident_units, len(self.units)))
         for u in self.units[:resident_units]:
             u.resident = True
-            _bind(u, [t.to(self.device) for t in self._current(u)])
+            tensors = self._read_unit(u) if lazy_source is not None else self._current(u)
+            _bind(u, [t.to(self.device) for t in tensors])
         streamed = [u for u in self.units if not u.resident]
         self.streamed = streamed
         if lazy_source is None:
@@ -148,6 +154,16 @@ class BlockStreamer:
         for pos, u in enumerate(streamed):
             self._handles.append(u.module.register_forward_pre_hook(self._pre_hook(pos)))
             self._handles.append(u.module.register_forward_hook(self._post_hook(pos)))
+
+    def _read_unit(self, u: _Unit) -> list[torch.Tensor]:
+        """A unit's tensors from the lazy source, one at a time (lazy_load: resident units are read once)."""
+        return [self.lazy_source([e.key])[e.key].to(e.dtype).reshape(e.shape) for e in u.entries]
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of CPU memory the streamer holds for the streamed units (pinned copies, or lazy_load's staging)."""
+        staged = sum(b.numel() for b in self._staging.buffers) if self._staging else 0
+        return staged + sum(u.host.numel() for u in self.streamed if u.host is not None)
 
     @staticmethod
     def _current(u: _Unit) -> list[torch.Tensor]:
@@ -237,10 +253,9 @@ class _LazyStaging:
 
     def _read(self, pos: int, buf: torch.Tensor) -> None:
         u = self.s.streamed[pos]
-        try:
-            tensors = self.s.lazy_source([e.key for e in u.entries])
+        try:  # one tensor at a time: RAM holds the staging buffers and one tensor in reading, not a second unit
             for v, e in zip(_views(buf, u), u.entries):
-                v.copy_(tensors[e.key].to(e.dtype).reshape(e.shape))
+                v.copy_(self.s.lazy_source([e.key])[e.key].to(e.dtype).reshape(e.shape))
         except BaseException as e:  # noqa: BLE001 - re-raised in the forward that needs it
             self.errors[pos] = e
 

@@ -3,9 +3,11 @@ freshly loaded DiT.
 
 Settings travel in a stage spec's `runtime` (never in its cache key: they change speed, not the result beyond
 floating-point tolerance; a quantized checkpoint is a different model and has its own fingerprint):
-  self_attn_1_type / cross_attn_1_type / cross_attn_2_type -> attention backend per module (attention.py)
+  self_attn_1_type / cross_attn_1_type / cross_attn_2_type -> attention backend per module (attention.py; FA3
+    kernels in fa3.py; fp8 attention is lossy: attention.lossy_attention names it for the cache key)
   torch_compile (LightX2V's key) -> regional compile of the repeated block (accel.py)
-  cpu_offload + offload_granularity block|phase, lazy_load -> block streaming (offload.py)
+  cpu_offload + offload_granularity block|phase -> block streaming (offload.py); + lazy_load -> the streamed
+    blocks are read from the expert's own checkpoint on use, never all in RAM (models/lazy.py)
   batched_cfg (ours; default: on for CUDA) -> cond + uncond in one forward (stages/denoise.py)
 """
 from __future__ import annotations

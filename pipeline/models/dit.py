@@ -150,7 +150,7 @@ def expected_shapes(model) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _set_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+def set_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
@@ -180,7 +180,7 @@ def build_dit(config: dict[str, Any], weights: DitWeights, dtype: torch.dtype):
                 layer = GGUFLinear(weights.files.raw(e.key), weights.files.qtype(e.key), e.shape, bias)
             else:
                 layer = ScaledLinear(weights.files.get(e.key), weights.files.get(e.scale_key), bias)
-            _set_module(model, mod_name, layer)
+            set_module(model, mod_name, layer)
             replaced.add(mod_name)
     for target in weights.entries:
         mod_name, _, _ = target.rpartition(".")

@@ -207,10 +207,17 @@ def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
     loras = parse_lora_configs(config.get("lora_configs"), experts, config.resolve_path)
     if config.get("t5_quantized"):
         raise CheckpointError("t5_quantized is not supported: use the bf16 T5 (models_t5_umt5-xxl-enc-bf16.pth)")
-    return ModelRef(path=str(folder), task=task, format=fmt, family=family, experts=experts,
-                    boundary_ratio=boundary, dits=dits,
-                    loras={e: [s.to_dict() for s in specs] for e, specs in loras.items()},
-                    quant_scheme=scheme, image_encoder=image_encoder)
+    ref = ModelRef(path=str(folder), task=task, format=fmt, family=family, experts=experts,
+                   boundary_ratio=boundary, dits=dits,
+                   loras={e: [s.to_dict() for s in specs] for e, specs in loras.items()},
+                   quant_scheme=scheme, image_encoder=image_encoder)
+    if config.get("lazy_load") and config.get("cpu_offload"):  # refused when read, as at run time
+        from .lazy import lora_refusal
+
+        for e in experts:
+            if lora_refusal(ref, e):
+                raise CheckpointError(lora_refusal(ref, e))
+    return ref
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -358,7 +365,7 @@ def _check_headers(folder: Path) -> None:
     TensorFiles.open(folder).close()
 
 
-def _own_aligned_memory(module: torch.nn.Module) -> torch.nn.Module:
+def own_aligned_memory(module: torch.nn.Module) -> torch.nn.Module:
     """Copy CPU parameters/buffers that sit at an unaligned address (views into a checkpoint's read buffer)
     into fresh 64-byte-aligned tensors. CPU matmul kernels take alignment-dependent paths, so without this the
     same weights loaded from two formats can differ in the last bit."""
@@ -395,16 +402,16 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
                 _check_headers(folder / "text_encoder")
                 tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
                 encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
-            return tokenizer, _own_aligned_memory(encoder.to(device).eval())
+            return tokenizer, own_aligned_memory(encoder.to(device).eval())
         if component == "vae":
             # The Wan VAE runs in float32 in every reference pipeline: its decode is sensitive to bf16.
             if ref.format == "wan":
-                return _own_aligned_memory(wl.load_vae(folder).to(device))
+                return own_aligned_memory(wl.load_vae(folder).to(device))
             from diffusers import AutoencoderKLWan
 
             _check_headers(folder / "vae")
             vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32)
-            return _own_aligned_memory(vae.to(device).eval())
+            return own_aligned_memory(vae.to(device).eval())
         if component == "clip":
             # float32 like diffusers' Wan2.1 I2V example; the encoder is 0.6B parameters.
             if ref.format == "wan":
@@ -415,11 +422,11 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
                 _check_headers(folder / "image_encoder")
                 processor = CLIPImageProcessor.from_pretrained(folder / "image_processor")
                 encoder = CLIPVisionModel.from_pretrained(folder / "image_encoder", torch_dtype=torch.float32)
-            return processor, _own_aligned_memory(encoder.to(device).eval())
+            return processor, own_aligned_memory(encoder.to(device).eval())
         if component in EXPERTS:
             if component not in ref.experts:
                 raise CheckpointError(f"model {ref.path} has no {component} expert")
-            return _own_aligned_memory(load_dit(ref, component, dtype).to(device).eval())
+            return own_aligned_memory(load_dit(ref, component, dtype).to(device).eval())
     except CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
