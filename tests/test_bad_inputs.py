@@ -4,6 +4,9 @@ problem (row, column, key or file), and a failing run that never overwrites or d
 Manifest-level problems refuse the manifest (ManifestError listing every problem); row-level problems mark the
 row failed (Job.error) and let the others run. Config problems raise ConfigError naming the key; checkpoint
 problems raise CheckpointError naming the file (or tensor key) when the model is resolved or loaded.
+Seeds the pipeline cannot use (outside 0..2^63-1, NaN, fractional) are row problems that still give a report.
+Hostile state and disks have corpora of their own: tests/test_luigid_state.py (luigid state folders others could
+write) and tests/test_store_and_output_disks.py (a full store disk, a read-only output folder, file modes).
 """
 from __future__ import annotations
 
