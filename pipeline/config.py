@@ -109,6 +109,10 @@ DEFAULTS: dict[str, Any] = {
     "video_crf": 18,
 }
 
+# The noise seed goes to torch.Generator.manual_seed (which takes 0..2^64-1) and into results.parquet's int64
+# `seed` column: 0..2^63-1 is what both hold. The service's MAX_SEED is the same.
+MAX_SEED = 2**63 - 1
+
 # manifest override column -> config key
 ROW_OVERRIDES = {
     "height": "target_height",
@@ -168,6 +172,9 @@ def check_values(cfg: dict[str, Any], where: str = "config key", names: dict[str
         idx = cfg.get("boundary_step_index")
         if isinstance(idx, int) and not 0 <= idx <= len(steps):
             bad("boundary_step_index", f"must be between 0 and {len(steps)} (the step list has {len(steps)} steps)")
+    v = cfg.get("seed")
+    if _is_type(v, (int,)) and not 0 <= v <= MAX_SEED:
+        bad("seed", "must be between 0 and 2^63-1")
     v = cfg.get("video_crf")
     if isinstance(v, int) and not 0 <= v <= 51:
         bad("video_crf", "must be 0..51")

@@ -5,6 +5,9 @@ variable names that place, its n-th hit in this process triggers the action:
   kill    (default) SIGKILL this process, as an OOM killer or `kill -9` would;
   enospc  raise OSError(ENOSPC), as a full disk would;
   hang    block forever, as a wedged GPU driver or NFS mount would (for the service's TASK_TIMEOUT).
+  full    the store's disk fills up: this hit and every later write into the store (payload, sidecar, mux,
+          failure record, new lock file) raise OSError(ENOSPC), while the output folder (stages `publish`
+          and `results`) keeps working, as when the store and the outputs are on different disks.
 At a point that is given a file (a temp file being written), the file is first cut to half its length, so
 the state left behind is the one of a write interrupted midway. `mux` kills while the ffmpeg child is
 encoding (the child is left running, as it would be). `stage` may be `*` (any stage).
@@ -33,18 +36,24 @@ POINTS = {
     "sidecar-partial": "the sidecar's temp file is written (cut to half before the fault)",
     "committed": "the sidecar is in place (the artifact is complete), the task not yet marked done",
     "mux": "ffmpeg is encoding the MP4 into its temp file",
+    "failure-record": "a stage's failure record is written to its temp file (cut to half before the fault)",
+    "lock": "a new lock file is about to be created in the store",
 }
-ACTIONS = ("kill", "enospc", "hang")
+ACTIONS = ("kill", "enospc", "hang", "full")
+STORE_WRITES = ("payload-partial", "sidecar-partial", "mux", "failure-record", "lock")
+OUTPUT_STAGES = ("publish", "results")  # points in the output folder, not the store
 
 _armed: tuple[str, int, str, str] | None = None
 _hits = 0
+_full = False  # set once a `full` fault fired: the store's disk stays full
 
 
 def configure(spec: str | None = None) -> None:
     """Arm from `spec` (or the environment variable); an empty spec disarms. Raises on a malformed spec."""
-    global _armed, _hits
+    global _armed, _hits, _full
     spec = os.environ.get(ENV, "") if spec is None else spec
     _hits = 0
+    _full = False
     if not spec:
         _armed = None
         return
@@ -61,17 +70,20 @@ def point(stage: str, where: str, path: Path | str | None = None) -> None:
     """A named place in the code; does nothing unless armed for it."""
     if _armed is None:
         return
-    global _hits
+    global _hits, _full
     want_stage, n, want_where, action = _armed
+    if _full and where in STORE_WRITES and stage not in OUTPUT_STAGES:
+        _half(where, path)
+        raise _enospc(path)
     if where != want_where or want_stage not in ("*", stage):
         return
     _hits += 1
     if _hits != n:
         return
-    if path is not None and where != "mux" and Path(path).is_file():
-        os.truncate(path, Path(path).stat().st_size // 2)
-    if action == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path) if path else None)
+    _half(where, path)
+    _full = action == "full"
+    if action in ("enospc", "full"):
+        raise _enospc(path)
     if action == "hang":
         while True:
             time.sleep(3600)
@@ -79,6 +91,16 @@ def point(stage: str, where: str, path: Path | str | None = None) -> None:
         _kill_when_child_writes(str(Path(path).resolve()))
         return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _half(where: str, path: Path | str | None) -> None:
+    """Cut a temp file being written to half its length: the state a write interrupted midway leaves."""
+    if path is not None and where != "mux" and Path(path).is_file():
+        os.truncate(path, Path(path).stat().st_size // 2)
+
+
+def _enospc(path: Path | str | None) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path) if path else None)
 
 
 def wrap_step(stage: str, on_step: Callable[[int], None] | None) -> Callable[[int], None] | None:

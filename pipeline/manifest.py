@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import ROW_OVERRIDES, GenerationConfig, check_values
+from .config import MAX_SEED, ROW_OVERRIDES, GenerationConfig, check_values
 from .errors import ManifestError, WanBatchError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class Job:
     prompt: str
     negative_prompt: str | None
     image: str | None  # absolute path; a row with an image is image-to-video
-    seed: int
+    seed: int | None  # None only for a row whose seed was refused (error is set)
     overrides: dict[str, Any] = field(default_factory=dict)  # config key -> value
     error: str | None = None  # row-level problem: the row is reported failed, not run
     # the row's LoRA set (lora_configs items with absolute paths), in place of the config's; None: the config's
@@ -162,6 +162,22 @@ def parse_row_lora(value: Any, strength: Any, folder: Path) -> tuple[list[dict[s
     return (None if problems else out), problems
 
 
+def seed_value(value: Any) -> tuple[int | None, str | None]:
+    """(seed, problem) for a manifest's seed cell. A refused seed is kept only when it is a 64-bit integer
+    (results.parquet's `seed` column is int64, so it then shows what the row had), else None: a refused seed
+    never reaches a stage or the report as a number it is not."""
+    if isinstance(value, float) and math.isnan(value):
+        return None, ("column 'seed' is NaN, not a whole number (pandas writes a missing integer as NaN: "
+                      "leave the cell null, e.g. with the Int64 dtype, to use the config's seed)")
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
+        return None, f"column 'seed' must be a whole number, got {value!r}"
+    seed = int(value)
+    if not 0 <= seed <= MAX_SEED:
+        kept = seed if -2**63 <= seed < 2**63 else None
+        return kept, f"column 'seed' must be between 0 and 2^63-1, got {value!r}"
+    return seed, None
+
+
 def read_manifest(path: str | Path, config: GenerationConfig, strict: bool = False,
                   check_image=None) -> list[Job]:
     """Validate and expand a manifest. `check_image(path) -> None` raises on an unusable image."""
@@ -193,13 +209,9 @@ def read_manifest(path: str | Path, config: GenerationConfig, strict: bool = Fal
 
         seed = config["seed"]
         if raw.get("seed") is not None:  # null means "the config's seed"; NaN is an error
-            value, err = _int_value(raw["seed"], "seed")
+            seed, err = seed_value(raw["seed"])
             if err:
                 errors.append(err)
-            else:
-                seed = value
-                if not 0 <= seed < 2**63:
-                    errors.append(f"column 'seed' must be between 0 and 2^63-1, got {seed}")
 
         overrides: dict[str, Any] = {}
         for column, key in ROW_OVERRIDES.items():

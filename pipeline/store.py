@@ -47,6 +47,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # every file we write: what open() would give, 0644 under the usual umask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -64,10 +65,12 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + dest.suffix, dir=dest.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make published videos private
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # Set after the writer is done: mkstemp's 0600, or a writer that replaces the file (safetensors'
+        # save_file does, as 0600), would make payloads and videos unreadable to the other users of a store.
+        os.chmod(tmp_path, FILE_MODE)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, dest)
@@ -99,6 +102,7 @@ class ArtifactStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
         self._verified: dict[Path, tuple[int, int, int]] = {}  # payload -> (size, mtime_ns, sidecar mtime)
+        self._failures: dict[ArtifactRef, dict[str, Any]] = {}  # failure records the store had no room for
 
     # -- paths -----------------------------------------------------------------------------------------
     def folder(self, stage: str, key: str) -> Path:
@@ -205,10 +209,23 @@ class ArtifactStore:
         return self._finish(ref, self.payload_path(ref), sidecar)
 
     def record_failure(self, ref: ArtifactRef, error: str, run_id: str) -> None:
+        """Record a stage's failure next to its artifact. When the store cannot take even that (its disk is
+        full, it is read-only), the record is kept in this process, so this run still reports the row as
+        failed with its reason and writes results.parquet; a later run retries the stage either way."""
         doc = {"stage": ref.stage, "key": ref.key, "error": error, "run_id": run_id, "at": time.time()}
-        atomic_write_text(self.failure_path(ref), json.dumps(doc, indent=1))
+        self._failures.pop(ref, None)
+        try:
+            with atomic_path(self.failure_path(ref)) as tmp:
+                tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+                faults.point(ref.stage, "failure-record", tmp)
+        except OSError as e:
+            log.warning("could not write the failure record of %s/%s into the store (%s); this run keeps it in "
+                        "memory", ref.stage, ref.key[:12], e.strerror or e)
+            self._failures[ref] = doc
 
     def failure(self, ref: ArtifactRef) -> dict[str, Any] | None:
+        if ref in self._failures:
+            return self._failures[ref]
         try:
             return json.loads(self.failure_path(ref).read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -231,11 +248,15 @@ class ArtifactStore:
         for path in (self.sidecar_path(ref), self.payload_path(ref), self.failure_path(ref)):
             path.unlink(missing_ok=True)
         self._verified.pop(self.payload_path(ref), None)
+        self._failures.pop(ref, None)
 
     @contextlib.contextmanager
     def lock(self, ref: ArtifactRef) -> Iterator[None]:
         """Exclusive per-artifact lock across processes (flock), so two runs never compute one artifact twice."""
-        with file_lock(self.folder(ref.stage, ref.key) / f"{ref.key}.lock"):
+        path = self.folder(ref.stage, ref.key) / f"{ref.key}.lock"
+        if not path.exists():
+            faults.point(ref.stage, "lock")
+        with file_lock(path):
             yield
 
 

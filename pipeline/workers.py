@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -46,31 +47,127 @@ def _accepts(host: str, port: int) -> bool:
     return False
 
 
+class StateDirError(ValueError):
+    """A luigid state folder we cannot use: one someone other than this user could write (luigid unpickles
+    its state file, so whoever can write it runs code as this user), or one we cannot create."""
+
+
+STATE_FILES = ("state.pickle", "luigid.cfg", "luigid.log")  # what luigid reads from the folder, or we write
+
+
+def _unsafe(st: os.stat_result, what: str, kind: str, check) -> str | None:
+    if not check(st.st_mode):
+        return f"{what} is not a {kind}" + (" (a symbolic link)" if stat.S_ISLNK(st.st_mode) else "")
+    if st.st_uid != os.geteuid():
+        return f"{what} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"{what} is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _refusal(problem: str) -> str:
+    return (f"--luigid-state: {problem}; luigid loads its state with pickle, which runs code, so the folder "
+            "and its files must be yours alone (chmod go-w, a real folder, or another folder)")
+
+
+def open_state_dir(path: str | os.PathLike) -> int:
+    """Open luigid's state folder (created 0700 when missing) and return a descriptor of it, after checking
+    that the folder and the files luigid reads from it are this user's and writable by nobody else; raise
+    StateDirError naming the file otherwise. luigid then reaches the folder through the descriptor
+    (/proc/self/fd), so the folder checked is the folder used, even if its path is swapped afterwards."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StateDirError(f"--luigid-state: cannot create {path}: {e.strerror}") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        st = os.lstat(path) if os.path.lexists(path) else None
+        reason = _unsafe(st, str(path), "folder", stat.S_ISDIR) if st else None
+        if reason:
+            raise StateDirError(_refusal(reason)) from None
+        raise StateDirError(f"--luigid-state: cannot open {path}: {e.strerror}") from None
+    try:
+        problem = _unsafe(os.fstat(fd), str(path), "folder", stat.S_ISDIR)
+        for name in STATE_FILES:
+            if problem:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                problem = _unsafe(os.stat(name, dir_fd=fd, follow_symlinks=False), str(path / name), "regular file",
+                                  stat.S_ISREG)
+        if problem:
+            raise StateDirError(_refusal(problem))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
+def _in_dir(fd: int, state: Path, name: str) -> str:
+    """A path to `name` in the folder open as `fd`, valid in a child process that inherits fd (Linux; elsewhere
+    the folder's path, checked moments before)."""
+    return f"/proc/self/fd/{fd}/{name}" if _PROC_FD else str(state / name)
+
+
+def _open_in(fd: int, name: str, flags: int) -> int:
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
+
+
 @contextlib.contextmanager
 def local_luigid(gpu_units: int, state_dir: str | os.PathLike | None = None, host: str = "127.0.0.1",
                  port: int | None = None, timeout_s: float = 120.0) -> Iterator[Scheduler]:
     """Start luigid on `host` (a free port unless given) with its state in `state_dir` (a temp folder unless
-    given) and `[resources] gpu = gpu_units`; stop it on exit."""
+    given; see open_state_dir for what a given one must be) and `[resources] gpu = gpu_units`; stop it on
+    exit."""
     own_tmp = None
     if state_dir is None:
-        own_tmp = tempfile.TemporaryDirectory(prefix="wan-batch-luigid-")
+        own_tmp = tempfile.TemporaryDirectory(prefix="wan-batch-luigid-")  # mkdtemp: 0700, new
         state_dir = own_tmp.name
     state = Path(state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    port = port or free_port(host)
-    cfg = state / "luigid.cfg"
-    cfg.write_text(f"[scheduler]\nstate_path = {state / 'state.pickle'}\nrecord_task_history = false\n\n"
-                   f"[resources]\ngpu = {gpu_units}\n", encoding="utf-8")
-    env = {**os.environ, "LUIGI_CONFIG_PATH": str(cfg)}
+    try:
+        dir_fd = open_state_dir(state)
+    except BaseException:
+        if own_tmp is not None:
+            own_tmp.cleanup()
+        raise
+    try:
+        with _started_luigid(gpu_units, state, dir_fd, host, port or free_port(host), timeout_s) as scheduler:
+            yield scheduler
+    finally:
+        os.close(dir_fd)
+        if own_tmp is not None:
+            own_tmp.cleanup()
+
+
+@contextlib.contextmanager
+def _started_luigid(gpu_units: int, state: Path, dir_fd: int, host: str, port: int,
+                    timeout_s: float) -> Iterator[Scheduler]:
+    pickle_path = _in_dir(dir_fd, state, "state.pickle")
+    cfg = _open_in(dir_fd, "luigid.cfg", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(cfg, "w", encoding="utf-8") as f:
+        f.write(f"[scheduler]\nstate_path = {pickle_path}\nrecord_task_history = false\n\n"
+                f"[resources]\ngpu = {gpu_units}\n")
+    env = {**os.environ, "LUIGI_CONFIG_PATH": _in_dir(dir_fd, state, "luigid.cfg")}
     cmd = [sys.executable, "-c", "import sys, luigi.cmdline; luigi.cmdline.luigid(sys.argv[1:])",
-           "--address", host, "--port", str(port), "--state-path", str(state / "state.pickle")]
-    with open(state / "luigid.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+           "--address", host, "--port", str(port), "--state-path", pickle_path]
+    log_fd = _open_in(dir_fd, "luigid.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:  # umask 077: the state luigid saves stays this user's alone, so the next run accepts it
+        proc = subprocess.Popen(cmd, stdout=log_fd, stderr=subprocess.STDOUT, env=env, pass_fds=(dir_fd,),
+                                umask=0o077)
+    finally:
+        os.close(log_fd)
     try:
         deadline = time.monotonic() + timeout_s
         while not _accepts(host, port):
             if proc.poll() is not None:
-                log = (state / "luigid.log").read_text(errors="replace")[-2000:]
+                log = Path(_in_dir(dir_fd, state, "luigid.log")).read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"luigid exited with {proc.returncode} before listening on {host}:{port}:\n{log}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"luigid did not listen on {host}:{port} within {timeout_s:.0f} s")
@@ -83,8 +180,6 @@ def local_luigid(gpu_units: int, state_dir: str | os.PathLike | None = None, hos
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if own_tmp is not None:
-            own_tmp.cleanup()
 
 
 def device_groups(gpus: list[str], per_worker: int) -> list[str]:

@@ -4,7 +4,9 @@ others finish; the task then fails so the process exits non-zero (see pipeline's
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 import uuid
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline import faults
 from pipeline.batch import load_batch
-from pipeline.errors import RowsFailed
+from pipeline.errors import RowsFailed, WanBatchError
 from pipeline.plan import JobPlan
 from pipeline.stages.registry import job_stage_names
 from pipeline.store import atomic_path, file_lock, sha256_file, stale_temps
@@ -52,16 +54,22 @@ class RunManifest(luigi.Task):
 
     def run(self) -> None:
         out = Path(self.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with file_lock(out / ".wan-batch.lock"):  # one batch publishes into a folder at a time
-            for name in ["results.parquet", *(f"{p.job.job_id}.mp4" for p in self.plans)]:
-                for tmp in stale_temps(out / name):  # left by a run killed while publishing
-                    tmp.unlink(missing_ok=True)
-            rows = [self._result(p, out) for p in self.plans]
-            table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-            with atomic_path(out / "results.parquet") as tmp:
-                pq.write_table(table, tmp)
-                faults.point("results", "payload-partial", tmp)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with file_lock(out / ".wan-batch.lock"):  # one batch publishes into a folder at a time
+                for name in ["results.parquet", *(f"{p.job.job_id}.mp4" for p in self.plans)]:
+                    for tmp in stale_temps(out / name):  # left by a run killed while publishing
+                        tmp.unlink(missing_ok=True)
+                rows = [self._result(p, out) for p in self.plans]
+                table = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+                with atomic_path(out / "results.parquet") as tmp:
+                    pq.write_table(table, tmp)
+                    faults.point("results", "payload-partial", tmp)
+        except OSError as e:  # read-only, full or missing output folder: say where, not a traceback
+            raise OutputFolderError(
+                f"could not write into the output folder {out.resolve()}: {e.strerror or e} ({e.filename or out}); "
+                f"results.parquet was not written. Finished videos stay in the store {self.store}: a run with "
+                "a writable --output-dir publishes them without recomputing") from e
         self._finished = True
         failed = [r for r in rows if r["status"] != "ok"]
         log.info("batch done: %d ok, %d failed; results in %s", len(rows) - len(failed), len(failed),
@@ -115,6 +123,32 @@ class RunManifest(luigi.Task):
             task.run()
         except Exception as e:  # noqa: BLE001 - the row reports it; the batch still publishes the others
             log.error("%s: could not make its video again: %s", plan.job.job_id, e)
+
+
+class OutputFolderError(WanBatchError):
+    """The output folder could not be written: results.parquet is not there (the run fails, exit non-zero)."""
+
+
+def report_state(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime_ns, size) of a results.parquet, None if absent. Each write renames a new file into place,
+    so a report this run wrote has a state other than the one taken before it started."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def output_folder_problem(out: Path) -> str | None:
+    """Why a file cannot be created in `out` (the reason a report was not written), or None if it can."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".wan-batch-probe.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write into {out}: {e.strerror or e}"
+    return None
 
 
 def publish(src: Path, dest: Path) -> None:

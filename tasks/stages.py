@@ -105,6 +105,15 @@ class StageTask(luigi.Task):
         return ArtifactTarget(self.artifact_store, self.spec.ref, self.run_id)
 
     def run(self) -> None:
+        try:
+            self._run()
+        except OSError as e:  # the store itself failed (full disk, read-only, unreadable): this row fails
+            if not self.run_id:
+                raise
+            log.error("%s %s failed: the store could not be used: %s", self.spec.stage, self.key[:12], e)
+            self._fail(f"the store could not be used: {e.strerror or e} ({e.filename or self.store})")
+
+    def _run(self) -> None:
         store, ref = self.artifact_store, self.spec.ref
         with store.lock(ref):  # another process may be computing the same artifact
             if store.is_complete(ref):  # the winner of a race wrote it while we waited: reuse

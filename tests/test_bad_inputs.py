@@ -4,6 +4,9 @@ problem (row, column, key or file), and a failing run that never overwrites or d
 Manifest-level problems refuse the manifest (ManifestError listing every problem); row-level problems mark the
 row failed (Job.error) and let the others run. Config problems raise ConfigError naming the key; checkpoint
 problems raise CheckpointError naming the file (or tensor key) when the model is resolved or loaded.
+Seeds the pipeline cannot use (outside 0..2^63-1, NaN, fractional) are row problems that still give a report.
+Hostile state and disks have corpora of their own: tests/test_luigid_state.py (luigid state folders others could
+write) and tests/test_store_and_output_disks.py (a full store disk, a read-only output folder, file modes).
 """
 from __future__ import annotations
 
@@ -194,6 +197,8 @@ ROW_LEVEL = [  # (id, column, value, pyarrow type, words the row's error must co
     ("fractional-seed", "seed", 1.5, pa.float64(), ["column 'seed'", "whole number", "1.5"]),
     ("negative-seed", "seed", -1, pa.int64(), ["column 'seed'", "between 0 and 2^63-1", "-1"]),
     ("seed-too-big", "seed", 2**64 - 1, pa.uint64(), ["column 'seed'", "between 0 and 2^63-1"]),
+    ("seed-2^63", "seed", 2**63, pa.uint64(), ["column 'seed'", "between 0 and 2^63-1", str(2**63)]),
+    ("seed-1e30", "seed", 1e30, pa.float64(), ["column 'seed'", "between 0 and 2^63-1", "1e+30"]),
     ("negative-height", "height", -480, pa.int64(), ["column 'height'", "positive multiple of 16", "-480"]),
     ("zero-width", "width", 0, pa.int64(), ["column 'width'", "positive multiple of 16"]),
     ("width-not-16", "width", 100, pa.int64(), ["column 'width'", "multiple of 16", "100"]),
@@ -231,6 +236,42 @@ def test_row_level_problem_fails_only_that_row(tmp_path, case, column, value, ty
         read_manifest(tmp_path / "m.parquet", load_config(), strict=True, check_image=check_image)
 
 
+SEED_RUNS = [  # (id, seed column with a good row first, the refused seed as the error shows it, in results)
+    ("uint64-2^64-1", pa.array([1, 2**64 - 1], pa.uint64()), str(2**64 - 1), None),
+    ("uint64-2^63", pa.array([1, 2**63], pa.uint64()), str(2**63), None),
+    ("float-1e30", pa.array([1.0, 1e30], pa.float64()), "1e+30", None),
+    ("float-nan", pa.array([1.0, float("nan")], pa.float64()), "NaN", None),
+    ("negative", pa.array([1, -5], pa.int64()), "-5", -5),  # fits int64: the report shows what the row had
+]
+
+
+@pytest.fixture(scope="module")
+def seed_store(tmp_path_factory):
+    return tmp_path_factory.mktemp("seed-store")  # shared: the good row is computed once for all cases
+
+
+@pytest.mark.parametrize("case,seeds,shown,reported", SEED_RUNS, ids=[c[0] for c in SEED_RUNS])
+def test_refused_seed_fails_its_row_and_results_are_written(tmp_path, tiny_root, seed_store, case, seeds, shown,
+                                                            reported):
+    """A seed the pipeline cannot use (torch's manual_seed and the int64 report both hold 0..2^63-1) fails its
+    row; it never reaches a stage or results.parquet as a number (it used to overflow writing the report, so
+    no row of the batch had a report). A null seed is the config's."""
+    config = write_config(tmp_path / "c.json", infer_steps=2, target_video_length=5, target_height=32,
+                          target_width=32, text_len=32, enable_cfg=False, seed=7)
+    table = pa.table({"job_id": ["good", "bad", "default"], "prompt": ["a red circle", "a blue square", "a cat"],
+                      "seed": pa.concat_arrays([seeds, pa.nulls(1, seeds.type)])})
+    pq.write_table(table, tmp_path / "m.parquet")
+    assert not run_batch(tmp_path / "m.parquet", tmp_path, config=config, store=seed_store)
+    results = read_results(tmp_path / "outputs")
+    assert results["good"]["status"] == "ok" and results["good"]["seed"] == 1
+    assert results["default"]["status"] == "ok" and results["default"]["seed"] == 7  # the seed it was made with
+    bad = results["bad"]
+    assert bad["status"] == "failed" and bad["video"] is None
+    assert bad["error"].startswith("row 1:") and "column 'seed'" in bad["error"] and shown in bad["error"], bad
+    assert bad["seed"] == reported, bad  # never the config's seed, which the row did not ask for
+    assert not (tmp_path / "outputs" / "bad.mp4").exists()
+
+
 def test_unknown_manifest_column_is_named_in_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         jobs = validate(parquet(tmp_path, {"prompt": ["a"], "promt_2": ["typo"]}))
@@ -264,6 +305,8 @@ CONFIG_CASES = [  # (id, raw JSON object, words the ConfigError must contain)
     ("lora-bad-name", {"lora_configs": [{"name": "middle", "path": "x.safetensors"}]},
      ["'lora_configs'", "'middle'"]),
     ("two-problems", {"infer_steps": "x", "video_crf": 99}, ["2 problem(s)", "'infer_steps'", "'video_crf'"]),
+    ("negative-seed", {"seed": -1}, ["'seed'", "between 0 and 2^63-1", "-1"]),
+    ("seed-2^64-1", {"seed": 2**64 - 1}, ["'seed'", "between 0 and 2^63-1", str(2**64 - 1)]),
 ]
 
 

@@ -31,6 +31,16 @@ def main(args) -> int:
     except WanBatchError as e:
         print(f"error: {e}")
         return 2
+    from pathlib import Path
+
+    from tasks.run_manifest import output_folder_problem, report_state
+
+    results = Path(args.output_dir) / "results.parquet"
+    before = report_state(results)
     ok = run_batch(args.manifest, args.config, args.output_dir, args.store, args.strict, args.workers)
-    print(f"results: {args.output_dir}/results.parquet")
+    if report_state(results) in (None, before):  # never point at a report this run did not write
+        problem = output_folder_problem(Path(args.output_dir))
+        print(f"error: {results} was not written: {problem or 'see the log above'}")
+        return 1
+    print(f"results: {results}")
     return 0 if ok else 1

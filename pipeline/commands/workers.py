@@ -49,7 +49,8 @@ def main(args) -> int:
 
     from ..batch import load_batch
     from ..errors import WanBatchError
-    from ..workers import WORKER_OK, BatchSpec, Scheduler, device_groups, local_luigid, start_workers, wait_workers
+    from ..workers import (WORKER_OK, BatchSpec, Scheduler, device_groups, local_luigid, open_state_dir, start_workers,
+                           wait_workers)
 
     try:  # refuse a bad manifest or config plainly, before any process starts
         load_batch(args.manifest, args.config, strict=args.strict)
@@ -57,7 +58,9 @@ def main(args) -> int:
         cpu = gpus[0] == "cpu"
         per_worker = 1 if cpu else _per_worker(args)
         groups = device_groups(gpus, per_worker)
-    except (WanBatchError, ValueError) as e:
+        if args.luigid_state and not args.scheduler_host:  # luigid unpickles its state: refuse a folder not ours
+            os.close(open_state_dir(args.luigid_state))
+    except (WanBatchError, ValueError) as e:  # StateDirError is a ValueError
         print(f"error: {e}")
         return 2
     batch = BatchSpec(manifest=args.manifest, config=args.config, output_dir=args.output_dir, store=args.store,
