@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -157,18 +157,48 @@ def check_task_id(task_id: str) -> str:
     return task_id
 
 
-def check_save_result_path(value: str) -> str:
-    """A relative path under the outputs folder, '.mp4' added when there is no suffix."""
+MAX_NAME_BYTES = 200  # a path component; the atomic writer's temp name adds ~20 bytes to it (limit 255)
+
+
+def check_save_result_path(value: str, settings: ServiceSettings) -> str:
+    """LightX2V's save_result_path: relative to the outputs folder, or absolute inside one of the result roots
+    (the outputs folder, --output-root folders); '.mp4' is added when there is no suffix. Checked here, where
+    the client can be told, and again when the video is published (result_target)."""
     path = PurePosixPath(value.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or not path.parts or any(p.startswith("~") for p in path.parts):
-        raise RequestError(422, f"save_result_path: {value!r} must be a relative path inside the server's outputs "
-                              "folder (no '..', not absolute)")
-    parts = [p for p in path.parts if p != "."]
+    if "\0" in value or ".." in path.parts or any(p.startswith("~") for p in path.parts):
+        raise RequestError(422, f"save_result_path: {value!r} must name a file inside the server's outputs folder "
+                              "(no '..', no '~', no NUL)")
+    parts = [p for p in path.parts if p not in (".", "/")]
     if not parts:
         raise RequestError(422, f"save_result_path: {value!r} names no file")
-    path = PurePosixPath(*parts)
+    long = next((p for p in parts if len(p.encode()) > MAX_NAME_BYTES), None)
+    if long is not None:
+        raise RequestError(422, f"save_result_path: the name {long[:40]!r}... has {len(long.encode())} bytes; "
+                              f"at most {MAX_NAME_BYTES} per folder or file name")
+    path = PurePosixPath("/" if path.is_absolute() else "", *parts)
     if not path.suffix:
         path = path.with_suffix(".mp4")
     if path.suffix.lower() != ".mp4":
         raise RequestError(422, f"save_result_path: this server writes MP4 files; {value!r} has suffix {path.suffix}")
-    return str(path)
+    saved = str(path)
+    target = result_target(settings, saved, "save_result_path")
+    for parent in target.parents:  # a file where a folder is needed: refuse now, not when publishing
+        if parent.exists() and not parent.is_dir():
+            raise RequestError(422, f"save_result_path: {value!r} needs {parent.name!r} to be a folder, and a "
+                                  "file of that name exists")
+    if target.is_dir():
+        raise RequestError(422, f"save_result_path: {value!r} is a folder")
+    return saved
+
+
+def result_target(settings: ServiceSettings, saved: str, field: str = "save_result_path") -> Path:
+    """Where a task's save_result_path is written, symlinks resolved; RequestError when that is outside every
+    result root (a relative path through a symlink included)."""
+    roots = settings.result_roots()
+    path = Path(saved) if PurePosixPath(saved).is_absolute() else settings.outputs / saved
+    real = path.resolve()
+    if not any(real.is_relative_to(r) for r in roots):
+        where = "resolves outside" if not PurePosixPath(saved).is_absolute() else "is outside"
+        raise RequestError(422, f"{field}: {saved!r} {where} the folders this server writes results to "
+                              f"({', '.join(map(str, roots))}; add one with --output-root)")
+    return real

@@ -38,6 +38,7 @@ class ServiceSettings:
     max_queue: int = 100  # MAX_CONCURRENT_TASKS: accepted but unfinished tasks (queued + running)
     task_timeout: float = 1800.0  # TASK_TIMEOUT: seconds a task may stay running
     batch_max: int = 16  # tasks taken into one drain (one manifest, stage-major)
+    drain_steps: int = 80  # denoise steps one drain may hold (its oldest task always runs, however long)
     max_attempts: int = 3  # a task whose worker died this many times while running it fails
     poll_interval: float = 0.2
     # requests
@@ -46,6 +47,11 @@ class ServiceSettings:
     max_image_pixels: int = 40_000_000
     url_timeout: float = 20.0
     allowed_image_dirs: list[str] = field(default_factory=list)  # local image paths must resolve under one
+    output_roots: list[str] = field(default_factory=list)  # absolute save_result_paths must resolve under one
+    allow_private_urls: bool = False  # image URLs may name loopback/private/link-local addresses
+    max_fetches: int = 8  # image URL fetches in flight at once; more wait (within their deadline)
+    public_metrics: bool = False  # /metrics without the token
+    public_url: str = ""  # the base URL printed in status_url (from the bound address, never the Host header)
     max_side: int = 2048  # largest width/height a request may ask for
     max_frames: int = 257
     max_infer_steps: int = 200
@@ -69,11 +75,12 @@ class ServiceSettings:
         out.store = str(Path(self.store).resolve())
         out.config = str(Path(self.config).resolve()) if self.config else ""
         out.allowed_image_dirs = [str(Path(d).resolve()) for d in self.allowed_image_dirs]
+        out.output_roots = [str(Path(d).resolve()) for d in self.output_roots]
         return out
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("max_queue", "batch_max", "max_attempts", "max_body_bytes", "max_image_bytes",
+        for name in ("max_queue", "batch_max", "drain_steps", "max_fetches", "max_attempts", "max_body_bytes", "max_image_bytes",
                      "max_image_pixels", "max_side", "max_frames", "max_infer_steps"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be positive (got {getattr(self, name)})")
@@ -83,6 +90,9 @@ class ServiceSettings:
         for d in self.allowed_image_dirs:
             if not Path(d).is_dir():
                 out.append(f"allowed image folder {d} does not exist")
+        for d in self.output_roots:
+            if not Path(d).is_dir():
+                out.append(f"output root {d} does not exist")
         if self.config and not Path(self.config).is_file():
             out.append(f"config file {self.config} does not exist")
         return out
@@ -116,6 +126,10 @@ class ServiceSettings:
     def outputs(self) -> Path:
         """LightX2V's save_result_path is relative to this folder."""
         return self.root / "outputs"
+
+    def result_roots(self) -> list[Path]:
+        """Folders an absolute save_result_path may be in: the outputs folder and --output-root ones."""
+        return [self.outputs.resolve(), *(Path(d) for d in self.output_roots)]
 
     def make_dirs(self) -> None:
         for d in (self.root, self.inbox, self.runs, self.videos, self.inputs, self.outputs):

@@ -31,8 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..store import ArtifactStore, atomic_path
+from .inputs import RequestError
 from .progress import plan_refs, ref
 from .queue import TaskQueue, TaskRow
+from .schemas import result_target
 from .settings import ServiceSettings
 
 log = logging.getLogger("wan_batch.service.worker")
@@ -55,22 +57,52 @@ def write_manifest(path: Path, tasks: list[TaskRow]) -> None:
         pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp)
 
 
+class PublishError(Exception):
+    """A finished video could not be put where the task asked: that task fails, with this message."""
+
+
 def publish(src: Path, task: TaskRow, settings: ServiceSettings, move: bool = False) -> str:
     """Put a finished video at videos/<task>.mp4 (and at LightX2V's save_result_path); return its path.
-    `move` renames `src` (a run folder's copy) instead of copying it (the store's own file)."""
+    `move` renames `src` (a run folder's copy) instead of copying it (the store's own file). Raises
+    PublishError naming the path when either cannot be written."""
     dest = settings.videos / f"{task.id}.mp4"
-    if move:
-        os.replace(src, dest)
-    else:
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(src, tmp)
+    try:
+        if move:
+            os.replace(src, dest)
+        else:
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(src, tmp)
+    except OSError as e:
+        raise PublishError(f"could not write the video to {dest}: {e.strerror or e}") from None
     extra = task.job.get("save_result_path")
     if extra:
-        target = (settings.outputs / extra).resolve()
-        if target.is_relative_to(settings.outputs.resolve()):  # checked at submission; checked again here
+        try:  # checked at submission; checked again here (a symlink may have changed since)
+            target = result_target(settings, extra)
+        except RequestError as e:
+            raise PublishError(e.message) from None
+        try:
             with atomic_path(target) as tmp:
                 shutil.copyfile(dest, tmp)
+        except OSError as e:
+            raise PublishError(f"could not write save_result_path {extra!r}: {e.strerror or e}") from None
     return str(dest)
+
+
+def run_engine(manifest: Path, settings: ServiceSettings, out_dir: Path) -> None:
+    """The batch engine over one drain's manifest: the only place the worker calls it."""
+    from ..commands.run import run_batch
+
+    run_batch(str(manifest), config=settings.config, output_dir=str(out_dir), store=settings.store,
+              local_scheduler=True)
+
+
+class TaskCancelled(Exception):
+    """Raised at a solver step of an artifact that only cancelled tasks need: the stage fails for them."""
+
+
+def task_cost(job: dict[str, Any], config: dict[str, Any]) -> int:
+    """A task's share of a drain: its denoise steps (the request's infer_steps, else the config's)."""
+    return int(job.get("overrides", {}).get("infer_steps") or config["infer_steps"])
 
 
 class Worker:
@@ -81,6 +113,14 @@ class Worker:
         self.state: dict[str, Any] = {"pid": os.getpid(), "started_at": time.time(), "run_id": None,
                                       "drains": 0}
         self._stop = threading.Event()
+        self._drain: tuple[str, dict[str, set[str]]] | None = None  # (run id, artifact key -> task ids)
+        self._current: str | None = None
+        import luigi
+
+        from .. import faults
+
+        luigi.Task.event_handler(luigi.Event.START)(self._on_task_start)
+        faults.set_step_hook(self._check_cancelled)
 
     # -- health ------------------------------------------------------------------------------------------
     def check_models(self) -> None:
@@ -129,24 +169,53 @@ class Worker:
         self.queue.put("worker", {**self.state, "heartbeat": time.time()})
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         while True:
-            run_id, tasks = self.queue.claim(self.settings.batch_max, os.getpid())
-            if not tasks:
+            if not self.run_once():
                 time.sleep(self.settings.poll_interval)
-                continue
-            self.state["run_id"] = run_id
-            try:
-                self.drain(run_id, tasks)
-            except Exception as e:  # a bug or a disk problem: fail this group with the reason, keep serving
-                log.error("drain %s failed: %s\n%s", run_id, e, traceback.format_exc())
-                self.queue.finish(run_id, {t.id: ("failed", None, f"internal error: {type(e).__name__}: {e}")
-                                           for t in tasks})
+
+    def run_once(self) -> bool:
+        """Claim one drain (see queue.claim: the oldest task, then the cheapest that fit in drain_steps) and
+        run it; False when nothing was waiting."""
+        from ..config import load_config
+
+        config = load_config(self.settings.config or None)
+        run_id, tasks = self.queue.claim(self.settings.batch_max, os.getpid(),
+                                         cost=lambda job: task_cost(job, config), budget=self.settings.drain_steps)
+        if not tasks:
+            return False
+        self.state["run_id"] = run_id
+        try:
+            self.drain(run_id, tasks)
+        except Exception as e:  # a bug or a disk problem: fail this group with the reason, keep serving
+            log.error("drain %s failed: %s\n%s", run_id, e, traceback.format_exc())
+            self.queue.finish(run_id, {t.id: ("failed", None, f"internal error: {type(e).__name__}: {e}")
+                                       for t in tasks})
+        finally:
             self.state["run_id"] = None
             self.state["drains"] += 1
+        return True
+
+    # -- cancelling a running task -----------------------------------------------------------------------
+    def _on_task_start(self, task) -> None:
+        """Luigi's START event (same process: one local worker): the artifact now being computed."""
+        self._current = getattr(task, "key", None)
+
+    def _check_cancelled(self, stage: str) -> None:
+        """Before each solver step: stop if every task of this drain that needs the artifact was cancelled.
+        Artifacts other tasks share keep running; what is already in the store stays valid."""
+        drain = self._drain
+        if drain is None or self._current is None:
+            return
+        run_id, needs = drain
+        users = needs.get(self._current)
+        if not users:
+            return
+        cancelled = self.queue.cancelled_in_run(run_id)
+        if users <= cancelled:
+            raise TaskCancelled(f"cancelled by the client (task {', '.join(sorted(users))})")
 
     def drain(self, run_id: str, tasks: list[TaskRow]) -> None:
         import luigi
 
-        from ..commands.run import run_batch
         from ..config import load_config
         from ..errors import WanBatchError
         from ..manifest import read_manifest
@@ -168,8 +237,16 @@ class Worker:
         self.queue.set_plans(run_id, refs)
         unique = {(r[0], r[1]): r for plan in refs.values() for r in plan.values()}
         before = {k for k, r in unique.items() if self.store.sidecar_path(ref(r)).is_file()}
+        needs: dict[str, set[str]] = {}
+        for tid, plan in refs.items():
+            for r in plan.values():
+                needs.setdefault(r[1], set()).add(tid)
 
-        run_batch(str(manifest), config=s.config, output_dir=str(out_dir), store=s.store, local_scheduler=True)
+        self._drain, self._current = (run_id, needs), None
+        try:
+            run_engine(manifest, s, out_dir)
+        finally:
+            self._drain = self._current = None
 
         results = {}
         if (out_dir / "results.parquet").is_file():
@@ -178,13 +255,16 @@ class Worker:
         for t in tasks:
             r = results.get(t.id)
             if r and r["status"] == "ok":
-                outcomes[t.id] = ("done", publish(Path(r["video"]), t, s, move=True), None)
+                try:  # one task's bad path or full disk fails that task, never its neighbours
+                    outcomes[t.id] = ("done", publish(Path(r["video"]), t, s, move=True), None)
+                except PublishError as e:
+                    outcomes[t.id] = ("failed", None, str(e))
             else:
                 error = (r or {}).get("error") or (plans[t.id].error if t.id in plans else None)
                 outcomes[t.id] = ("failed", None, error or "the batch engine wrote no result for this task "
                                                         f"(see {s.root / 'worker.log'})")
         stage_runs, uses = self._stage_stats(refs, unique, before)
-        changed = self.queue.finish(run_id, outcomes, stage_runs, uses)
+        changed = self.queue.finish(run_id, outcomes, stage_runs, uses)  # cancelled rows stay cancelled
         log.info("run %s: %d done, %d failed (%d marked)", run_id,
                  sum(o[0] == "done" for o in outcomes.values()), sum(o[0] == "failed" for o in outcomes.values()),
                  changed)
