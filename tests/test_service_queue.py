@@ -73,7 +73,7 @@ def test_queue_limit_duplicates_and_cancel(tmp_path):
     q.claim(1, worker_pid=1)
     assert q.cancel_all() == ["d", "e"] and q.counts()["cancelled"] == 4  # a, b, d, e
     # a second handle (another process) sees the same rows: the queue is the file
-    assert TaskQueue(tmp_path / "q.sqlite").get("b").state == "running"
+    assert TaskQueue(tmp_path / "q.sqlite").get("c").state == "done"
 
 
 def steps_job(i: int, steps: int) -> dict:
