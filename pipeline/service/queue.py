@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     plan TEXT,
     video TEXT,
     error TEXT,
+    error_type TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL
@@ -94,6 +95,7 @@ class TaskRow:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    error_type: str | None = None  # LightX2V's error_type: what kind of failure (ERROR_TYPES in worker.py)
 
     @classmethod
     def from_row(cls, r: sqlite3.Row) -> "TaskRow":
@@ -109,6 +111,9 @@ class TaskQueue:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._conn().executescript(_SCHEMA)
+        columns = {r[1] for r in self._conn().execute("PRAGMA table_info(tasks)")}
+        if "error_type" not in columns:  # a queue file from before error_type
+            self._conn().execute("ALTER TABLE tasks ADD COLUMN error_type TEXT")
 
     # -- connections -------------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -255,17 +260,17 @@ class TaskQueue:
     def finish(self, run_id: str, outcomes: dict[str, tuple[str, str | None, str | None]],
                stage_runs: list[tuple[str, str, float]] = (), stage_uses: dict[str, tuple[int, int]] | None = None,
                event: str | None = None) -> int:
-        """Mark tasks of `run_id` done/failed: outcomes[id] = (state, video, error). Only rows still running
+        """Mark tasks of `run_id` done/failed: outcomes[id] = (state, video, error[, error_type]). Only rows still running
         under this run id change (exactly once); returns how many did. Stage statistics are recorded in the
         same transaction, so they count each drain once too."""
         now = time.time()
         with self._tx() as c:
             changed = 0
-            for task_id, (state, video, error) in outcomes.items():
+            for task_id, (state, video, error, *kind) in outcomes.items():
                 assert state in ("done", "failed"), state
-                cur = c.execute("UPDATE tasks SET state = ?, video = ?, error = ?, finished_at = ? "
+                cur = c.execute("UPDATE tasks SET state = ?, video = ?, error = ?, error_type = ?, finished_at = ? "
                                 "WHERE id = ? AND state = 'running' AND run_id = ?",
-                                (state, video, error, now, task_id, run_id))
+                                (state, video, error, (kind or [None])[0], now, task_id, run_id))
                 if cur.rowcount:
                     changed += 1
                     self._event(c, task_id, state if state == "done" else (event or state), error)
@@ -283,7 +288,8 @@ class TaskQueue:
         with self._tx() as c:
             for r in c.execute("SELECT id, attempt, run_id FROM tasks WHERE state = 'running'").fetchall():
                 if r["attempt"] >= max_attempts:
-                    c.execute("UPDATE tasks SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                    c.execute("UPDATE tasks SET state = 'failed', finished_at = ?, error_type = 'WorkerCrashed', "
+                              "error = ? WHERE id = ?",
                               (time.time(), f"the worker stopped {r['attempt']} times while running this task "
                                f"(last run {r['run_id']}); giving up", r["id"]))
                     self._event(c, r["id"], "failed", "attempts exhausted")

@@ -74,7 +74,11 @@ class StatusResponse(BaseModel):
 
 
 class VideoTaskRequest(BaseModel):
-    """LightX2V's VideoTaskRequest (lightx2v/server/schema.py). Unknown fields are ignored, as there."""
+    """LightX2V's VideoTaskRequest (lightx2v/server/schema.py) and the older route's TaskRequest: every field
+    they define is here, so each is either honoured or refused by name (LIGHTX2V_UNSUPPORTED); a field
+    LightX2V does not define is refused too, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     task_id: Optional[str] = None
     prompt: str = ""
@@ -82,19 +86,30 @@ class VideoTaskRequest(BaseModel):
     negative_prompt: str = ""
     image_path: str = Field("", description="base64 image, http(s) URL, or a path under an allowed folder")
     last_frame_path: str = ""
-    save_result_path: str = Field("", description="relative to the server's outputs folder; default <task_id>.mp4")
+    image_mask_path: str = ""
+    save_result_path: str = Field("", description="relative to the server's outputs folder, or absolute inside it "
+                                                  "or an --output-root folder; default <task_id>.mp4")
+    presigned_url: str = ""
     infer_steps: int = 5
     seed: int = Field(default_factory=random_seed, ge=0, le=MAX_SEED)
+    reuse: bool = False
     target_shape: list[int] = Field([], description="[height, width]")
     lora_name: Optional[str] = None
     lora_strength: float = 1.0
     num_fragments: int = 1
     target_video_length: int = 81
+    video_path: str = ""
+    sr_ratio: float = 2.0
     audio_path: str = ""
     video_duration: int = 5
     talk_objects: Optional[list[Any]] = None
     target_fps: Optional[int] = 16
     resize_mode: Optional[str] = "adaptive"
+    aspect_ratio: str = "16:9"  # TaskRequest (POST /v1/tasks/): text-to-image only
+    data_bootstrap_room: Optional[int] = None  # DisaggOverrideRequest
+    disagg_phase1_receiver_engine_rank: Optional[int] = None
+    disagg_bootstrap_room: Optional[int] = None
+    disagg_decoder_bootstrap_room: Optional[int] = None
 
 
 class TaskResponse(BaseModel):
@@ -107,12 +122,27 @@ class TaskResponse(BaseModel):
 LIGHTX2V_UNSUPPORTED = {
     "use_prompt_enhancer": (False, "prompt enhancement is not available"),
     "last_frame_path": ("", "first-last-frame video is not available"),
-    "lora_name": (None, "per-request LoRA is not available (set lora_configs in the server config)"),
+    "image_mask_path": ("", "masked image-to-video is not available"),
+    "presigned_url": ("", "uploading the result to a presigned URL is not available (fetch it from "
+                          "/v1/tasks/{task_id}/result)"),
+    "reuse": (False, "reusing a previous request's result is not available (identical requests are served "
+                     "from the artifact store's cache anyway)"),
+    "lora_name": (None, "per-request LoRA is not available: the batch engine applies LoRA per config, not per "
+                        "row (set lora_configs in the server config)"),
+    "lora_strength": (1.0, "per-request LoRA is not available: the batch engine applies LoRA per config, not "
+                           "per row (set lora_configs in the server config)"),
     "num_fragments": (1, "multi-fragment (long) video is not available"),
+    "video_path": ("", "video input (super-resolution, video-to-video) is not available"),
+    "sr_ratio": (2.0, "super-resolution is not available"),
     "audio_path": ("", "audio-driven video is not available"),
     "video_duration": (5, "audio-driven video is not available"),
     "talk_objects": (None, "audio-driven video is not available"),
     "resize_mode": ("adaptive", "only the default resize (scale to cover, centre crop) is available"),
+    "aspect_ratio": ("16:9", "aspect_ratio is for text-to-image; set target_shape for a video"),
+    "data_bootstrap_room": (None, "disaggregated serving is not available"),
+    "disagg_phase1_receiver_engine_rank": (None, "disaggregated serving is not available"),
+    "disagg_bootstrap_room": (None, "disaggregated serving is not available"),
+    "disagg_decoder_bootstrap_room": (None, "disaggregated serving is not available"),
 }
 
 

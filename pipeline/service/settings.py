@@ -15,6 +15,7 @@ from typing import Any
 from ..store import atomic_write_text
 
 SETTINGS_FILE = "settings.json"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -62,7 +63,7 @@ class ServiceSettings:
         base = cls(max_queue=_env_int("MAX_CONCURRENT_TASKS", cls.max_queue),
                    task_timeout=float(_env_int("TASK_TIMEOUT", int(cls.task_timeout))),
                    port=_env_int("SERVER_PORT", cls.port),
-                   token=os.environ.get("WAN_BATCH_TOKEN") or None)
+                   token=(os.environ.get("WAN_BATCH_TOKEN") or "").strip() or None)
         for key, value in overrides.items():
             if value is not None:
                 setattr(base, key, value)
@@ -130,6 +131,13 @@ class ServiceSettings:
     def result_roots(self) -> list[Path]:
         """Folders an absolute save_result_path may be in: the outputs folder and --output-root ones."""
         return [self.outputs.resolve(), *(Path(d) for d in self.output_roots)]
+
+    def own_origins(self) -> list[str]:
+        """Origins of this server's own pages (its /docs): the public URL and, bound to loopback, its names."""
+        out = [self.public_url.rstrip("/")] if self.public_url else []
+        if self.host in LOOPBACK:
+            out += [f"http://{name}:{self.port}" for name in ("127.0.0.1", "localhost", "[::1]")]
+        return out
 
     def make_dirs(self) -> None:
         for d in (self.root, self.inbox, self.runs, self.videos, self.inputs, self.outputs):

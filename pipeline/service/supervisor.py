@@ -127,12 +127,12 @@ class Supervisor:
                 try:
                     outcome = ("done", publish(video, t, self.settings), None)
                 except PublishError as e:
-                    outcome = ("failed", None, str(e))
+                    outcome = ("failed", None, str(e), "PublishError")
             else:
                 stage = stage_progress(t.plan, self.store)[0] if t.plan else "planning"
                 outcome = ("failed", None, f"timed out: still running after TASK_TIMEOUT={self.settings.task_timeout:g}"
                                            f" s (stage {stage}); finished stages stay cached, so a resubmission "
-                                           f"continues from there")
+                                           f"continues from there", "TimeoutError")
             by_run.setdefault(t.run_id, {})[t.id] = outcome
         for run_id, outcomes in by_run.items():
             self.queue.finish(run_id, outcomes, event="timeout")

@@ -100,6 +100,12 @@ class TaskCancelled(Exception):
     """Raised at a solver step of an artifact that only cancelled tasks need: the stage fails for them."""
 
 
+# error_type of a failed task (LightX2V's status field): ValueError (the request's values were refused when
+# the batch read them), StageError (a stage failed for this row), PublishError (the video could not be
+# written where asked), TimeoutError (TASK_TIMEOUT), WorkerCrashed (the worker died max_attempts times while
+# running it), InternalError (a bug or a disk problem failed the whole drain).
+
+
 def task_cost(job: dict[str, Any], config: dict[str, Any]) -> int:
     """A task's share of a drain: its denoise steps (the request's infer_steps, else the config's)."""
     return int(job.get("overrides", {}).get("infer_steps") or config["infer_steps"])
@@ -187,8 +193,8 @@ class Worker:
             self.drain(run_id, tasks)
         except Exception as e:  # a bug or a disk problem: fail this group with the reason, keep serving
             log.error("drain %s failed: %s\n%s", run_id, e, traceback.format_exc())
-            self.queue.finish(run_id, {t.id: ("failed", None, f"internal error: {type(e).__name__}: {e}")
-                                       for t in tasks})
+            self.queue.finish(run_id, {t.id: ("failed", None, f"internal error: {type(e).__name__}: {e}",
+                                              "InternalError") for t in tasks})
         finally:
             self.state["run_id"] = None
             self.state["drains"] += 1
@@ -231,7 +237,7 @@ class Worker:
             plans = {p.job.job_id: p for p in plan_jobs(read_manifest(manifest, config, check_image=check_image),
                                                          config)}
         except WanBatchError as e:
-            self.queue.finish(run_id, {t.id: ("failed", None, str(e)) for t in tasks})
+            self.queue.finish(run_id, {t.id: ("failed", None, str(e), "ValueError") for t in tasks})
             return
         refs = {tid: plan_refs(p) for tid, p in plans.items() if p.decode is not None}
         self.queue.set_plans(run_id, refs)
@@ -251,18 +257,22 @@ class Worker:
         results = {}
         if (out_dir / "results.parquet").is_file():
             results = {r["job_id"]: r for r in pq.read_table(out_dir / "results.parquet").to_pylist()}
-        outcomes: dict[str, tuple[str, str | None, str | None]] = {}
+        outcomes: dict[str, tuple] = {}
         for t in tasks:
             r = results.get(t.id)
             if r and r["status"] == "ok":
                 try:  # one task's bad path or full disk fails that task, never its neighbours
                     outcomes[t.id] = ("done", publish(Path(r["video"]), t, s, move=True), None)
                 except PublishError as e:
-                    outcomes[t.id] = ("failed", None, str(e))
+                    outcomes[t.id] = ("failed", None, str(e), "PublishError")
             else:
-                error = (r or {}).get("error") or (plans[t.id].error if t.id in plans else None)
-                outcomes[t.id] = ("failed", None, error or "the batch engine wrote no result for this task "
-                                                        f"(see {s.root / 'worker.log'})")
+                planned = plans.get(t.id)
+                if planned is not None and planned.error:  # the row's values were refused when read
+                    outcomes[t.id] = ("failed", None, planned.error, "ValueError")
+                else:
+                    error = (r or {}).get("error") or ("the batch engine wrote no result for this task "
+                                                       f"(see {s.root / 'worker.log'})")
+                    outcomes[t.id] = ("failed", None, error, "StageError")
         stage_runs, uses = self._stage_stats(refs, unique, before)
         changed = self.queue.finish(run_id, outcomes, stage_runs, uses)  # cancelled rows stay cancelled
         log.info("run %s: %d done, %d failed (%d marked)", run_id,
