@@ -1,8 +1,8 @@
 """The durable task queue: one SQLite file in WAL mode, shared by the server (submit, status) and the worker
 process (claim, finish).
 
-A submission is committed (synchronous=FULL) before the server replies. Claiming moves a group of queued tasks
-to `running` under a fresh run id; finishing updates only rows still `running` under that run id, so a task
+A submission is committed (synchronous=FULL) before the server replies. Claiming moves a drain of queued tasks
+(the oldest, then the cheapest that fit in a budget of denoise steps) to `running` under a fresh run id; finishing updates only rows still `running` under that run id, so a task
 finishes exactly once even if a stale worker or a timed-out run reports late. A worker that starts finds the
 tasks a dead worker left `running` and puts them back in the queue (the artifact store makes the re-run cheap
 and byte-identical); such a task is then claimed alone, and one whose worker died `max_attempts` times fails,

@@ -1,10 +1,13 @@
 """The worker process: models stay resident here while it drains the queue through the batch engine.
 
-Loop: claim every queued task (up to batch_max) under a fresh run id -> write them as a Parquet manifest in
-<service>/inbox -> plan them (stored for /status) -> run_batch (RunManifest over Luigi, local scheduler, one
-worker: the same tasks as `wan-batch run`, so the group runs stage-major and shares the store's cache) ->
-read results.parquet -> publish each video to <service>/videos/<task>.mp4 -> mark every task done/failed in
-one transaction (exactly once). A worker starts by taking <service>/worker.lock, so it waits for a previous
+Loop: claim a drain under a fresh run id (the oldest queued task, then the cheapest others while the drain
+holds at most drain_steps denoise steps and batch_max tasks: queue.claim) -> write them as a Parquet manifest
+in <service>/inbox -> plan them (stored for /status) -> run_batch (RunManifest over Luigi, local scheduler,
+one worker: the same tasks as `wan-batch run`, so the drain runs stage-major and shares the store's cache) ->
+read results.parquet -> publish each video to <service>/videos/<task>.mp4 (a task whose video cannot be
+written fails alone) -> mark every task done/failed in one transaction (exactly once). Tasks waiting meanwhile
+are admitted at the next drain, so a short task waits for at most the drain in progress. A task cancelled
+while it runs stops at its next solver step (faults.set_step_hook), unless a live task shares the artifact. A worker starts by taking <service>/worker.lock, so it waits for a previous
 worker to be gone, and then requeues what that worker left running.
 
 Run by the server's supervisor: `python -m pipeline.service.worker --service-dir DIR --parent-pid PID`.
@@ -121,6 +124,7 @@ class Worker:
         self._stop = threading.Event()
         self._drain: tuple[str, dict[str, set[str]]] | None = None  # (run id, artifact key -> task ids)
         self._current: str | None = None
+        self._config = None
         import luigi
 
         from .. import faults
@@ -183,7 +187,9 @@ class Worker:
         run it; False when nothing was waiting."""
         from ..config import load_config
 
-        config = load_config(self.settings.config or None)
+        if self._config is None:  # read once: a poll every 0.2 s need not parse the config again
+            self._config = load_config(self.settings.config or None)
+        config = self._config
         run_id, tasks = self.queue.claim(self.settings.batch_max, os.getpid(),
                                          cost=lambda job: task_cost(job, config), budget=self.settings.drain_steps)
         if not tasks:
