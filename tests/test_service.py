@@ -292,6 +292,32 @@ def test_lightx2v_post_py_request(server):
     assert dl.status_code == 200 and dl.content == saved.read_bytes()
 
 
+def test_lightx2v_multi_server_client_flow(server):
+    """What post_multi_servers_t2v.py does with --save-folder set to an absolute folder: find an idle server
+    by /v1/service/status, POST /v1/tasks/ with an absolute save_result_path, poll the status until completed;
+    the file is then at that absolute path (here inside the outputs folder; elsewhere: --output-root)."""
+    status = requests.get(server.url + "/v1/service/status", timeout=30).json()
+    assert status["service_status"] in ("idle", "busy")
+    save = (server.service_dir / "outputs" / "multi").resolve() / "output_lightx2v_wan_t2v_1.mp4"
+    message = {"seed": 42, "prompt": "A cat walks on the grass, realistic style.", "negative_prompt": "blurry",
+               "image_path": "", "save_result_path": str(save)}
+    r = requests.post(server.url + "/v1/tasks/", json=message)
+    assert r.status_code == 200, r.text
+    task = r.json()["task_id"]
+    deadline = time.monotonic() + 600
+    while True:
+        st = requests.get(f"{server.url}/v1/tasks/{task}/status", timeout=30).json()
+        if st["status"] in ("completed", "failed"):
+            break
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.3)
+    assert st["status"] == "completed" and st["save_result_path"] == save.name, st
+    result = requests.get(f"{server.url}/v1/tasks/{task}/result", timeout=60)
+    assert result.status_code == 200 and save.read_bytes() == result.content
+    outside = requests.post(server.url + "/v1/tasks/", json={**message, "save_result_path": str(server.root / "x.mp4")})
+    assert outside.status_code == 422 and "--output-root" in outside.json()["detail"]
+
+
 def test_lightx2v_base64_image_and_form(server):
     """post_i2v.py sends a base64 image to the older POST /v1/tasks/; the form route takes image_file."""
     b64 = base64.b64encode(png_bytes(color=(250, 250, 0))).decode()
