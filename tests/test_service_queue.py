@@ -1,5 +1,6 @@
-"""The service's SQLite queue on its own (no server): FIFO claims in groups, claims bounded in denoise steps, exactly-once finishing fenced by
-run id, requeue after a dead worker (alone, then failed after max_attempts), the queue limit, cancel."""
+"""The service's SQLite queue on its own (no server): FIFO claims in groups, claims bounded in denoise steps,
+exactly-once finishing fenced by run id, requeue after a dead worker (alone, then failed after max_attempts),
+the queue limit, cancel (queued, running, all)."""
 from __future__ import annotations
 
 import pytest

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from pipeline import faults
-from pipeline.service.queue import TaskQueue
 from pipeline.service.settings import ServiceSettings
 from pipeline.service.worker import Worker
 
@@ -74,7 +73,7 @@ def test_cancelling_a_running_task_stops_it_at_the_next_step(worker):
     def client_cancels_during_a_step(stage: str) -> None:
         """Each step is counted for the task(s) needing the artifact; the client's DELETE lands during the
         victim's first step, as if the HTTP request had arrived then."""
-        run_id, needs = worker._drain
+        _, needs = worker._drain
         for t in needs.get(worker._current, ()):
             steps[t].append(stage)
         if steps["victim"] and q.get("victim").state == "running":

@@ -2,12 +2,13 @@
 process (claim, finish).
 
 A submission is committed (synchronous=FULL) before the server replies. Claiming moves a drain of queued tasks
-(the oldest, then the cheapest that fit in a budget of denoise steps) to `running` under a fresh run id; finishing updates only rows still `running` under that run id, so a task
-finishes exactly once even if a stale worker or a timed-out run reports late. A worker that starts finds the
-tasks a dead worker left `running` and puts them back in the queue (the artifact store makes the re-run cheap
-and byte-identical); such a task is then claimed alone, and one whose worker died `max_attempts` times fails,
-so one poisonous job can neither crash the worker forever nor take its group down. Every transition is
-appended to `events`.
+(the oldest, then the cheapest that fit in a budget of denoise steps) to `running` under a fresh run id;
+finishing updates only rows still `running` under that run id, so a task finishes exactly once even if a
+stale worker or a timed-out run reports late, and a task cancelled while running stays cancelled. A worker
+that starts finds the tasks a dead worker left `running` and puts them back in the queue (the artifact store
+makes the re-run cheap and byte-identical); such a task is then claimed alone, and one whose worker died
+`max_attempts` times fails, so one poisonous job can neither crash the worker forever nor take its group
+down. Every transition is appended to `events`.
 """
 from __future__ import annotations
 
@@ -260,7 +261,8 @@ class TaskQueue:
     def finish(self, run_id: str, outcomes: dict[str, tuple[str, str | None, str | None]],
                stage_runs: list[tuple[str, str, float]] = (), stage_uses: dict[str, tuple[int, int]] | None = None,
                event: str | None = None) -> int:
-        """Mark tasks of `run_id` done/failed: outcomes[id] = (state, video, error[, error_type]). Only rows still running
+        """Mark tasks of `run_id` done/failed: outcomes[id] = (state, video, error[, error_type]). Only rows still
+        running
         under this run id change (exactly once); returns how many did. Stage statistics are recorded in the
         same transaction, so they count each drain once too."""
         now = time.time()

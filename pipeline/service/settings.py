@@ -81,7 +81,8 @@ class ServiceSettings:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("max_queue", "batch_max", "drain_steps", "max_fetches", "max_attempts", "max_body_bytes", "max_image_bytes",
+        for name in ("max_queue", "batch_max", "drain_steps", "max_fetches", "max_attempts", "max_body_bytes",
+                     "max_image_bytes",
                      "max_image_pixels", "max_side", "max_frames", "max_infer_steps"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be positive (got {getattr(self, name)})")

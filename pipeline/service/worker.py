@@ -7,8 +7,9 @@ one worker: the same tasks as `wan-batch run`, so the drain runs stage-major and
 read results.parquet -> publish each video to <service>/videos/<task>.mp4 (a task whose video cannot be
 written fails alone) -> mark every task done/failed in one transaction (exactly once). Tasks waiting meanwhile
 are admitted at the next drain, so a short task waits for at most the drain in progress. A task cancelled
-while it runs stops at its next solver step (faults.set_step_hook), unless a live task shares the artifact. A worker starts by taking <service>/worker.lock, so it waits for a previous
-worker to be gone, and then requeues what that worker left running.
+while it runs stops at its next solver step (faults.set_step_hook), unless a live task shares the artifact.
+A worker starts by taking <service>/worker.lock, so it waits for a previous worker to be gone, and then
+requeues what that worker left running.
 
 Run by the server's supervisor: `python -m pipeline.service.worker --service-dir DIR --parent-pid PID`.
 It dies with the server (PR_SET_PDEATHSIG), so a kill -9 of the server leaves no orphan computing.
