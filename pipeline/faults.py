@@ -103,12 +103,25 @@ def _enospc(path: Path | str | None) -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path) if path else None)
 
 
+_step_hook: Callable[[str], None] | None = None
+
+
+def set_step_hook(hook: Callable[[str], None] | None) -> None:
+    """Run `hook(stage)` before every solver step's callback (None removes it). The service's worker uses it
+    to stop a cancelled task at its next step: the hook raises, and the stage fails for that row only."""
+    global _step_hook
+    _step_hook = hook
+
+
 def wrap_step(stage: str, on_step: Callable[[int], None] | None) -> Callable[[int], None] | None:
-    """`on_step` with a `step` fault point in front of it; `on_step` itself when nothing is armed."""
-    if _armed is None:
+    """`on_step` with a `step` fault point (and the step hook, if set) in front of it; `on_step` itself when
+    neither is armed."""
+    if _armed is None and _step_hook is None:
         return on_step
 
     def step(i: int) -> None:
+        if _step_hook is not None:
+            _step_hook(stage)
         point(stage, "step")
         if on_step is not None:
             on_step(i)

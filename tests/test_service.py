@@ -188,7 +188,8 @@ def server(tmp_path_factory, tiny_root):
     (allowed / "frame.png").write_bytes(png_bytes(color=(30, 200, 30)))
     (root / "outside.png").write_bytes(png_bytes())
     srv = Server(root / "svc", root / "store", "--max-queue", "200", "--batch-max", "64", "--max-body-mb", "1",
-                 "--max-image-mb", "0.5", "--url-timeout", "1.5", "--allow-image-dir", str(allowed))
+                 "--max-image-mb", "0.5", "--url-timeout", "1.5", "--allow-image-dir", str(allowed),
+                 "--allow-private-urls")  # the image server of these tests is on 127.0.0.1
     srv.root = root
     srv.start()
     yield srv
@@ -276,8 +277,8 @@ def test_lightx2v_post_py_request(server):
             break
         assert time.monotonic() < deadline, server.output()
         time.sleep(0.3)
-    saved = Path(st["save_result_path"])
-    assert saved.is_absolute() and saved == (server.service_dir / "outputs" / "cat_boxing_seed42.mp4").resolve()
+    assert st["save_result_path"] == "cat_boxing_seed42.mp4" and st["error_type"] == ""  # the name, as LightX2V
+    saved = server.service_dir / "outputs" / "cat_boxing_seed42.mp4"
     result = requests.get(f"{server.url}/v1/tasks/{task}/result", timeout=60)
     assert result.status_code == 200 and result.content == saved.read_bytes()
     # fields the request left out take the server config's values
@@ -289,6 +290,32 @@ def test_lightx2v_post_py_request(server):
     assert listed[task]["status"] == "completed"
     dl = requests.get(f"{server.url}/v1/files/download/cat_boxing_seed42.mp4", timeout=30)
     assert dl.status_code == 200 and dl.content == saved.read_bytes()
+
+
+def test_lightx2v_multi_server_client_flow(server):
+    """What post_multi_servers_t2v.py does with --save-folder set to an absolute folder: find an idle server
+    by /v1/service/status, POST /v1/tasks/ with an absolute save_result_path, poll the status until completed;
+    the file is then at that absolute path (here inside the outputs folder; elsewhere: --output-root)."""
+    status = requests.get(server.url + "/v1/service/status", timeout=30).json()
+    assert status["service_status"] in ("idle", "busy")
+    save = (server.service_dir / "outputs" / "multi").resolve() / "output_lightx2v_wan_t2v_1.mp4"
+    message = {"seed": 42, "prompt": "A cat walks on the grass, realistic style.", "negative_prompt": "blurry",
+               "image_path": "", "save_result_path": str(save)}
+    r = requests.post(server.url + "/v1/tasks/", json=message)
+    assert r.status_code == 200, r.text
+    task = r.json()["task_id"]
+    deadline = time.monotonic() + 600
+    while True:
+        st = requests.get(f"{server.url}/v1/tasks/{task}/status", timeout=30).json()
+        if st["status"] in ("completed", "failed"):
+            break
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.3)
+    assert st["status"] == "completed" and st["save_result_path"] == save.name, st
+    result = requests.get(f"{server.url}/v1/tasks/{task}/result", timeout=60)
+    assert result.status_code == 200 and save.read_bytes() == result.content
+    outside = requests.post(server.url + "/v1/tasks/", json={**message, "save_result_path": str(server.root / "x.mp4")})
+    assert outside.status_code == 422 and "--output-root" in outside.json()["detail"]
 
 
 def test_lightx2v_base64_image_and_form(server):
@@ -501,7 +528,7 @@ def test_bearer_token(tmp_path):
         ok = client.post("/submit", json=job, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200, ok.text
         assert client.get(f"/status/{ok.json()['task_id']}").status_code == 401
-        assert client.get("/metrics").status_code == 200  # scrapers and probes need no token
+        assert client.get("/metrics").status_code == 401  # only /health is open (see test_service_security.py)
 
 
 def test_queue_limit_gives_503_and_cancel_frees_a_slot(tmp_path):

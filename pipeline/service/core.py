@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import load_config
 from ..store import ArtifactStore
-from .inputs import RequestError
+from .inputs import ImageFetcher, RequestError
 from .progress import stage_progress
 from .queue import DuplicateTask, QueueFull, TaskQueue, TaskRow
 from .settings import ServiceSettings
@@ -24,6 +24,7 @@ class Service:
         self.queue = TaskQueue(settings.db_path)
         self.config = load_config(settings.config or None)
         self.store = ArtifactStore(settings.store)
+        self.images = ImageFetcher(settings)
         self.supervisor = Supervisor(settings, self.queue) if start_worker else None
 
     # -- submission --------------------------------------------------------------------------------------

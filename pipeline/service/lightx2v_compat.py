@@ -3,26 +3,29 @@
 POST /v1/tasks/video/ (and the older POST /v1/tasks/) take VideoTaskRequest; POST /v1/tasks/video/form takes
 the same as a form with image_file. As in LightX2V, only the fields a request sets override the server
 config, an unset seed is random, image_path is base64, an http(s) URL or a local path (here: only under the
-allowed folders), and save_result_path is relative to the server's outputs folder (<service>/outputs).
-Statuses are LightX2V's: pending, processing, completed, failed, cancelled. Features LightX2V has and this
-engine does not (prompt enhancer, audio, LoRA per request, frame interpolation, fragments) are refused with
-422 when a request asks for them.
+allowed folders), and save_result_path is relative to the server's outputs folder (<service>/outputs) or
+absolute inside it or an --output-root folder. Statuses are LightX2V's: pending, processing, completed, failed,
+cancelled, with error and error_type; a completed task's save_result_path is the file's name, as there.
+Features LightX2V has and this engine does not (prompt enhancer, audio, LoRA per request, frame
+interpolation, fragments, masks, video input, super-resolution, presigned upload, reuse, disaggregation) are
+refused with 422 naming the field when a request sets them; so are fields LightX2V does not know.
 """
 from __future__ import annotations
 
 import datetime as dt
 import uuid
+from pathlib import PurePosixPath
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from .core import Service
-from .inputs import RequestError, resolve_image, store_image
+from .inputs import RequestError, store_image
 from .queue import TaskRow
 from .schemas import (LIGHTX2V_UNSUPPORTED, TaskResponse, VideoTaskRequest, build_job, check_save_result_path,
-                      check_task_id)
+                      check_task_id, request_lora)
 from .web import read_submission
 
 STATUS = {"queued": "pending", "running": "processing", "done": "completed", "failed": "failed",
@@ -51,37 +54,51 @@ def lightx2v_job(service: Service, req: VideoTaskRequest, upload: tuple[str, byt
         if len(req.target_shape) != 2:
             raise RequestError(422, f"target_shape: expected [height, width], got {req.target_shape}")
         height, width = req.target_shape
-    save = check_save_result_path(req.save_result_path or task_id)
+    save = check_save_result_path(req.save_result_path or task_id, service.settings)
     job = build_job(service.settings, req.prompt, req.seed,
                     negative_prompt=req.negative_prompt if "negative_prompt" in given else None,
                     width=width, height=height,
                     num_frames=req.target_video_length if "target_video_length" in given else None,
                     infer_steps=req.infer_steps if "infer_steps" in given else None,
                     names=NAMES, save_result_path=save)
+    job["requested_save_path"] = req.save_result_path or task_id  # status shows it until the file exists
+    if "lora_strength" in given and "lora_name" not in given:
+        raise RequestError(422, "lora_strength: goes with lora_name")
+    job.update(request_lora(service.settings, req.lora_name if "lora_name" in given else None, req.lora_strength))
     if upload:
         job["image"] = store_image(upload[1], service.settings, upload[0])
-    elif req.image_path:
-        job["image"] = resolve_image(req.image_path, service.settings, "image_path")
     return task_id, job
 
 
 def task_status(service: Service, task: TaskRow) -> dict[str, Any]:
     d = service.describe(task)
-    saved = task.job.get("save_result_path")
-    if task.state == "done" and saved:
-        saved = str((service.settings.outputs / saved).resolve())  # LightX2V reports the absolute path when done
+    saved = task.job.get("requested_save_path", task.job.get("save_result_path"))
+    if task.state == "done" and task.job.get("save_result_path"):
+        saved = PurePosixPath(task.job["save_result_path"]).name  # LightX2V reports the file name when done
     return {"task_id": task.id, "status": STATUS[task.state], "start_time": _iso(task.started_at or task.created_at),
-            "end_time": _iso(task.finished_at), "error": task.error, "save_result_path": saved,
-            "stage": d["stage"], "progress": d["progress"]}
+            "end_time": _iso(task.finished_at), "error": task.error,
+            "error_type": (task.error_type or "") if task.state == "failed" else "",
+            "save_result_path": saved, "stage": d["stage"], "progress": d["progress"]}
 
 
-def lightx2v_router(service: Service, auth) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["LightX2V-compatible"], dependencies=[Depends(auth)])
+def metadata(service: Service) -> dict[str, Any]:
+    """LightX2V's GET /v1/service/metadata: processes per node, model class and path."""
+    config = service.config
+    layout = config.get("parallel") or {}
+    nproc = int(layout.get("seq_p_size", 1) or 1) * int(layout.get("cfg_p_size", 1) or 1) if layout else 1
+    return {"nproc_per_node": nproc, "model_cls": config.get("model_cls") or config.get("model_format"),
+            "model_path": str(config["model_path"])}
+
+
+def lightx2v_router(service: Service) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["LightX2V-compatible"])
     settings = service.settings
 
     async def create(request: Request, file_fields: tuple[str, ...]) -> TaskResponse:
         req, upload = await read_submission(request, VideoTaskRequest, file_fields, settings.max_image_bytes)
-        task_id, job = await run_in_threadpool(lightx2v_job, service, req, upload)
+        task_id, job = await run_in_threadpool(lightx2v_job, service, req, upload)  # cheap checks first
+        if not upload and req.image_path:  # a URL is fetched on the event loop, not on a request thread
+            job["image"] = await service.images.resolve(req.image_path, "image_path")
         task = await run_in_threadpool(service.enqueue, job, "lightx2v", task_id)
         return TaskResponse(task_id=task.id, task_status="pending", save_result_path=req.save_result_path or task.id)
 
@@ -125,14 +142,15 @@ def lightx2v_router(service: Service, auth) -> APIRouter:
             raise RequestError(404, "Task not completed")
         return FileResponse(path, media_type="video/mp4", filename=f"{task.id}.mp4")
 
-    @router.delete("/tasks/{task_id}", summary="LightX2V: cancel a task (queued tasks only here)")
+    @router.delete("/tasks/all/running", summary="LightX2V: cancel every queued and running task")
+    def stop_all_running_tasks():
+        service.queue.cancel_all()
+        return {"stop_status": "success", "reason": "All tasks stopped successfully."}
+
+    @router.delete("/tasks/{task_id}", summary="LightX2V: cancel a task (a running one stops at its next step)")
     def stop_task(task_id: str):
         if service.queue.cancel(task_id):
             return {"stop_status": "success", "reason": "Task stopped successfully."}
-        task = service.queue.get(task_id)
-        if task is not None and task.state == "running":
-            return {"stop_status": "do_nothing", "reason": "the task is running in a batch with others and "
-                                                           "finishes with them; only queued tasks can be cancelled"}
         return {"stop_status": "do_nothing", "reason": "Task not found or already completed."}
 
     @router.get("/service/status", summary="LightX2V: service status")
@@ -144,8 +162,14 @@ def lightx2v_router(service: Service, auth) -> APIRouter:
                 "total_tasks": sum(counts.values()), "completed_tasks": counts["done"],
                 "failed_tasks": counts["failed"]}
 
+    @router.get("/service/metadata", summary="LightX2V: processes per node, model class and path")
+    def service_metadata():
+        return metadata(service)
+
     @router.get("/files/download/{file_path:path}", summary="LightX2V: download a file from the outputs folder")
     def download_file(file_path: str):
+        if "\0" in file_path:
+            raise RequestError(404, "File not found (the path holds a NUL byte)")
         root = settings.outputs.resolve()
         path = (root / file_path).resolve()
         if not path.is_relative_to(root):

@@ -1,13 +1,14 @@
 """The durable task queue: one SQLite file in WAL mode, shared by the server (submit, status) and the worker
 process (claim, finish).
 
-A submission is committed (synchronous=FULL) before the server replies. Claiming moves a group of queued tasks
-to `running` under a fresh run id; finishing updates only rows still `running` under that run id, so a task
-finishes exactly once even if a stale worker or a timed-out run reports late. A worker that starts finds the
-tasks a dead worker left `running` and puts them back in the queue (the artifact store makes the re-run cheap
-and byte-identical); such a task is then claimed alone, and one whose worker died `max_attempts` times fails,
-so one poisonous job can neither crash the worker forever nor take its group down. Every transition is
-appended to `events`.
+A submission is committed (synchronous=FULL) before the server replies. Claiming moves a drain of queued tasks
+(the oldest, then the cheapest that fit in a budget of denoise steps) to `running` under a fresh run id;
+finishing updates only rows still `running` under that run id, so a task finishes exactly once even if a
+stale worker or a timed-out run reports late, and a task cancelled while running stays cancelled. A worker
+that starts finds the tasks a dead worker left `running` and puts them back in the queue (the artifact store
+makes the re-run cheap and byte-identical); such a task is then claimed alone, and one whose worker died
+`max_attempts` times fails, so one poisonous job can neither crash the worker forever nor take its group
+down. Every transition is appended to `events`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     plan TEXT,
     video TEXT,
     error TEXT,
+    error_type TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL
@@ -94,6 +96,7 @@ class TaskRow:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    error_type: str | None = None  # LightX2V's error_type: what kind of failure (ERROR_TYPES in worker.py)
 
     @classmethod
     def from_row(cls, r: sqlite3.Row) -> "TaskRow":
@@ -109,6 +112,9 @@ class TaskQueue:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._conn().executescript(_SCHEMA)
+        columns = {r[1] for r in self._conn().execute("PRAGMA table_info(tasks)")}
+        if "error_type" not in columns:  # a queue file from before error_type
+            self._conn().execute("ALTER TABLE tasks ADD COLUMN error_type TEXT")
 
     # -- connections -------------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -172,38 +178,71 @@ class TaskQueue:
         return out
 
     def cancel(self, task_id: str) -> bool:
-        """Cancel a queued task (a running one belongs to a drain in progress and is not stopped)."""
+        """Cancel a queued or running task. A running one stops at its next solver step: the worker sees the
+        state at each step (cancelled_in_run) and abandons the artifacts only cancelled tasks need."""
         with self._tx() as c:
             cur = c.execute("UPDATE tasks SET state = 'cancelled', finished_at = ?, error = 'cancelled by the "
-                            "client' WHERE id = ? AND state = 'queued'", (time.time(), task_id))
+                            f"client' WHERE id = ? AND state IN {ACTIVE}", (time.time(), task_id))
             if cur.rowcount:
                 self._event(c, task_id, "cancelled")
             return cur.rowcount == 1
+
+    def cancel_all(self) -> list[str]:
+        """Cancel every queued and running task (LightX2V's DELETE /v1/tasks/all/running)."""
+        with self._tx() as c:
+            ids = [r[0] for r in c.execute(f"SELECT id FROM tasks WHERE state IN {ACTIVE} ORDER BY seq")]
+            c.execute(f"UPDATE tasks SET state = 'cancelled', finished_at = ?, error = 'cancelled by the client' "
+                      f"WHERE state IN {ACTIVE}", (time.time(),))
+            for task_id in ids:
+                self._event(c, task_id, "cancelled")
+        return ids
+
+    def cancelled_in_run(self, run_id: str) -> set[str]:
+        return {r[0] for r in self._conn().execute(
+            "SELECT id FROM tasks WHERE run_id = ? AND state = 'cancelled'", (run_id,))}
+
+    def finish_events(self) -> list[tuple[str, str]]:
+        """(task id, event) of every finishing transition, in the order they were committed."""
+        return [(t, e) for t, e in self._conn().execute(
+            "SELECT task_id, event FROM events WHERE event NOT IN ('submitted', 'claimed', 'requeued') ORDER BY id")]
 
     def events(self, task_id: str) -> list[tuple[str, str | None]]:
         return [(e, d) for e, d in self._conn().execute(
             "SELECT event, detail FROM events WHERE task_id = ? ORDER BY id", (task_id,))]
 
     # -- worker side -------------------------------------------------------------------------------------
-    def claim(self, limit: int, worker_pid: int) -> tuple[str | None, list[TaskRow]]:
-        """Move up to `limit` queued tasks (oldest first) to running under a new run id. A task that was
-        running when a worker died runs alone, so a job that kills the worker cannot fail its neighbours."""
+    def claim(self, limit: int, worker_pid: int, cost: Callable[[dict[str, Any]], int] | None = None,
+              budget: int | None = None) -> tuple[str | None, list[TaskRow]]:
+        """Move queued tasks to running under a new run id: the oldest queued task always (so every task
+        reaches the front and runs), then the cheapest others (ties: oldest first) while the drain's total
+        `cost(job)` stays within `budget` and it holds at most `limit` tasks. With no cost, FIFO up to `limit`.
+        A task that was running when a worker died runs alone, so a job that kills the worker cannot fail its
+        neighbours."""
         with self._tx() as c:
-            first = c.execute("SELECT id, attempt FROM tasks WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
-            if first is None:
+            rows = c.execute("SELECT id, attempt, job FROM tasks WHERE state = 'queued' ORDER BY seq").fetchall()
+            if not rows:
                 return None, []
-            if first["attempt"] > 0:
-                ids = [first["id"]]
-            else:
-                ids = [r[0] for r in c.execute("SELECT id FROM tasks WHERE state = 'queued' AND attempt = 0 "
-                                               "ORDER BY seq LIMIT ?", (limit,))]
+            first = rows[0]
+            ids = [first["id"]]
+            if first["attempt"] == 0:
+                rest = [r for r in rows[1:] if r["attempt"] == 0]
+                if cost is None or budget is None:
+                    ids += [r["id"] for r in rest[:limit - 1]]
+                else:
+                    costs = {r["id"]: cost(json.loads(r["job"])) for r in [first, *rest]}
+                    total = costs[first["id"]]
+                    for r in sorted(rest, key=lambda r: costs[r["id"]]):  # stable: ties stay oldest first
+                        if len(ids) >= limit or total + costs[r["id"]] > budget:
+                            break  # sorted by cost: no later task fits either
+                        ids.append(r["id"])
+                        total += costs[r["id"]]
             run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
             now = time.time()
             for task_id in ids:
                 c.execute("UPDATE tasks SET state = 'running', attempt = attempt + 1, run_id = ?, worker_pid = ?, "
                           "started_at = ?, plan = NULL WHERE id = ?", (run_id, worker_pid, now, task_id))
                 self._event(c, task_id, "claimed", run_id)
-        return run_id, [self.get(t) for t in ids]
+        return run_id, sorted((self.get(t) for t in ids), key=lambda t: t.seq)
 
     def set_plans(self, run_id: str, plans: dict[str, dict[str, list]]) -> None:
         with self._tx() as c:
@@ -222,17 +261,18 @@ class TaskQueue:
     def finish(self, run_id: str, outcomes: dict[str, tuple[str, str | None, str | None]],
                stage_runs: list[tuple[str, str, float]] = (), stage_uses: dict[str, tuple[int, int]] | None = None,
                event: str | None = None) -> int:
-        """Mark tasks of `run_id` done/failed: outcomes[id] = (state, video, error). Only rows still running
+        """Mark tasks of `run_id` done/failed: outcomes[id] = (state, video, error[, error_type]). Only rows still
+        running
         under this run id change (exactly once); returns how many did. Stage statistics are recorded in the
         same transaction, so they count each drain once too."""
         now = time.time()
         with self._tx() as c:
             changed = 0
-            for task_id, (state, video, error) in outcomes.items():
+            for task_id, (state, video, error, *kind) in outcomes.items():
                 assert state in ("done", "failed"), state
-                cur = c.execute("UPDATE tasks SET state = ?, video = ?, error = ?, finished_at = ? "
+                cur = c.execute("UPDATE tasks SET state = ?, video = ?, error = ?, error_type = ?, finished_at = ? "
                                 "WHERE id = ? AND state = 'running' AND run_id = ?",
-                                (state, video, error, now, task_id, run_id))
+                                (state, video, error, (kind or [None])[0], now, task_id, run_id))
                 if cur.rowcount:
                     changed += 1
                     self._event(c, task_id, state if state == "done" else (event or state), error)
@@ -250,7 +290,8 @@ class TaskQueue:
         with self._tx() as c:
             for r in c.execute("SELECT id, attempt, run_id FROM tasks WHERE state = 'running'").fetchall():
                 if r["attempt"] >= max_attempts:
-                    c.execute("UPDATE tasks SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                    c.execute("UPDATE tasks SET state = 'failed', finished_at = ?, error_type = 'WorkerCrashed', "
+                              "error = ? WHERE id = ?",
                               (time.time(), f"the worker stopped {r['attempt']} times while running this task "
                                f"(last run {r['run_id']}); giving up", r["id"]))
                     self._event(c, r["id"], "failed", "attempts exhausted")

@@ -4,8 +4,8 @@ The worker is a child process (not a thread) because stopping a stage in the mid
 ending the process: when the oldest task of the worker's current run has been running longer than
 task_timeout, the worker's process group is killed, tasks whose video is already in the store are marked
 done, the others failed with a timeout error, and a fresh worker starts (models load again, the store keeps
-every finished stage). All tasks of a drain start running together, so size TASK_TIMEOUT for a whole group
-(--batch-max tasks), not for one job.
+every finished stage). All tasks of a drain start running together, so size TASK_TIMEOUT for a whole drain
+(at most --drain-steps denoise steps, or one longer task), not for one job.
 
 Every spawn happens on the supervisor's own thread: the worker's PR_SET_PDEATHSIG is tied to the thread that
 started it, and this thread lives as long as the server.
@@ -24,7 +24,7 @@ from ..store import ArtifactStore
 from .progress import decode_payload, stage_progress
 from .queue import TaskQueue
 from .settings import ServiceSettings
-from .worker import publish
+from .worker import PublishError, publish
 
 log = logging.getLogger("wan_batch.service")
 
@@ -124,12 +124,15 @@ class Supervisor:
         for t in running:
             video = decode_payload(t.plan, self.store)
             if video is not None:
-                outcome = ("done", publish(video, t, self.settings), None)
+                try:
+                    outcome = ("done", publish(video, t, self.settings), None)
+                except PublishError as e:
+                    outcome = ("failed", None, str(e), "PublishError")
             else:
                 stage = stage_progress(t.plan, self.store)[0] if t.plan else "planning"
                 outcome = ("failed", None, f"timed out: still running after TASK_TIMEOUT={self.settings.task_timeout:g}"
                                            f" s (stage {stage}); finished stages stay cached, so a resubmission "
-                                           f"continues from there")
+                                           f"continues from there", "TimeoutError")
             by_run.setdefault(t.run_id, {})[t.id] = outcome
         for run_id, outcomes in by_run.items():
             self.queue.finish(run_id, outcomes, event="timeout")

@@ -55,13 +55,65 @@ class BodyLimitMiddleware:
         await self.app(scope, counted, send)
 
 
-def check_token(request: Request, token: str | None) -> None:
-    if not token:
-        return
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-        raise HTTPException(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
-                            headers={"WWW-Authenticate": "Bearer"})
+OPEN_PATHS = ("/health",)  # probes need no token; /metrics too when the operator says so
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+AUTH_HINT = "missing or wrong bearer token (send 'Authorization: Bearer <token>')"
+
+
+def token_ok(header: str, token: str) -> bool:
+    scheme, _, value = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+def _reply(status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()):
+    body = json.dumps({"detail": detail}).encode()
+    return ({"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         *headers]},
+            {"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Before any route (the docs and OpenAPI schema included): the bearer token when one is set, on every
+    path but /health (and /metrics with public_metrics); and for state-changing methods, no cross-origin
+    browser request (an Origin other than this server's own, or Sec-Fetch-Site cross-site/same-site), so a
+    web page the local user opens cannot queue or cancel work. Clients that are not browsers send neither
+    header and are unaffected."""
+
+    def __init__(self, app, token: str | None, origins: list[str], public_metrics: bool = False):
+        self.app, self.token, self.origins = app, token, set(origins)
+        self.open = OPEN_PATHS + (("/metrics",) if public_metrics else ())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = None
+        if scope["method"] not in SAFE_METHODS:
+            origin, site = headers.get("origin"), headers.get("sec-fetch-site", "")
+            if site in ("cross-site", "same-site") or (origin is not None and origin not in self.origins):
+                refusal = _reply(403, f"cross-origin request refused (Origin {origin or '(none)'}, Sec-Fetch-Site "
+                                      f"{site or '(none)'}): this server accepts changes only from clients that "
+                                      "are not web pages of another site")
+        if refusal is None and self.token and scope["path"] not in self.open:
+            if not token_ok(headers.get("authorization", ""), self.token):
+                refusal = _reply(401, AUTH_HINT, [(b"www-authenticate", b"Bearer")])
+        if refusal is not None:
+            for message in refusal:
+                await send(message)
+            return
+        await self.app(scope, receive, send)
+
+
+def parse_json(text: str | bytes, field: str) -> Any:
+    """JSON text -> value; 422 for bad JSON, and for nesting deeper than the parser's recursion limit
+    (json raises RecursionError there, before it uses much memory or time)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise RequestError(422, f"{field}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise RequestError(422, f"{field}: not valid JSON ({str(e)[:200]})") from None
 
 
 def validation_message(errors: list[dict[str, Any]]) -> str:
@@ -92,10 +144,7 @@ async def read_submission(request: Request, model: type[BaseModel], file_fields:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     upload = None
     if ctype in JSON_TYPES or ctype.endswith("+json"):
-        try:
-            data = json.loads(await request.body())
-        except ValueError as e:
-            raise RequestError(422, f"body: not valid JSON ({e})") from None
+        data = parse_json(await request.body(), "body")
         if not isinstance(data, dict):
             raise RequestError(422, f"body: expected a JSON object, got {type(data).__name__}")
     elif ctype in FORM_TYPES:
@@ -122,8 +171,5 @@ def _form_value(model: type[BaseModel], key: str, value: str) -> Any:
     """Form fields are strings; a list-valued field arrives as JSON text (as LightX2V's form routes accept)."""
     field = model.model_fields.get(key)
     if field is not None and "list" in str(field.annotation).lower() and value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except ValueError:
-            raise RequestError(422, f"{key}: not valid JSON ({value[:80]!r})") from None
+        return parse_json(value, key)
     return value

@@ -1,11 +1,15 @@
 """The worker process: models stay resident here while it drains the queue through the batch engine.
 
-Loop: claim every queued task (up to batch_max) under a fresh run id -> write them as a Parquet manifest in
-<service>/inbox -> plan them (stored for /status) -> run_batch (RunManifest over Luigi, local scheduler, one
-worker: the same tasks as `wan-batch run`, so the group runs stage-major and shares the store's cache) ->
-read results.parquet -> publish each video to <service>/videos/<task>.mp4 -> mark every task done/failed in
-one transaction (exactly once). A worker starts by taking <service>/worker.lock, so it waits for a previous
-worker to be gone, and then requeues what that worker left running.
+Loop: claim a drain under a fresh run id (the oldest queued task, then the cheapest others while the drain
+holds at most drain_steps denoise steps and batch_max tasks: queue.claim) -> write them as a Parquet manifest
+in <service>/inbox -> plan them (stored for /status) -> run_batch (RunManifest over Luigi, local scheduler,
+one worker: the same tasks as `wan-batch run`, so the drain runs stage-major and shares the store's cache) ->
+read results.parquet -> publish each video to <service>/videos/<task>.mp4 (a task whose video cannot be
+written fails alone) -> mark every task done/failed in one transaction (exactly once). Tasks waiting meanwhile
+are admitted at the next drain, so a short task waits for at most the drain in progress. A task cancelled
+while it runs stops at its next solver step (faults.set_step_hook), unless a live task shares the artifact.
+A worker starts by taking <service>/worker.lock, so it waits for a previous worker to be gone, and then
+requeues what that worker left running.
 
 Run by the server's supervisor: `python -m pipeline.service.worker --service-dir DIR --parent-pid PID`.
 It dies with the server (PR_SET_PDEATHSIG), so a kill -9 of the server leaves no orphan computing.
@@ -31,8 +35,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..store import ArtifactStore, atomic_path
+from .inputs import RequestError
 from .progress import plan_refs, ref
 from .queue import TaskQueue, TaskRow
+from .schemas import result_target
 from .settings import ServiceSettings
 
 log = logging.getLogger("wan_batch.service.worker")
@@ -40,7 +46,7 @@ log = logging.getLogger("wan_batch.service.worker")
 MANIFEST_SCHEMA = pa.schema([
     ("job_id", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()), ("image", pa.string()),
     ("seed", pa.int64()), ("height", pa.int64()), ("width", pa.int64()), ("num_frames", pa.int64()),
-    ("infer_steps", pa.int64()), ("guide_scale", pa.float64()),
+    ("infer_steps", pa.int64()), ("guide_scale", pa.float64()), ("lora", pa.string()), ("lora_strength", pa.float64()),
 ])
 HEARTBEAT_S = 1.0
 
@@ -50,27 +56,64 @@ def write_manifest(path: Path, tasks: list[TaskRow]) -> None:
     for t in tasks:
         job = t.job
         rows.append({"job_id": t.id, "prompt": job["prompt"], "negative_prompt": job.get("negative_prompt"),
-                     "image": job.get("image"), "seed": job["seed"], **job.get("overrides", {})})
+                     "image": job.get("image"), "seed": job["seed"], "lora": job.get("lora"),
+                     "lora_strength": job.get("lora_strength"), **job.get("overrides", {})})
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp)
 
 
+class PublishError(Exception):
+    """A finished video could not be put where the task asked: that task fails, with this message."""
+
+
 def publish(src: Path, task: TaskRow, settings: ServiceSettings, move: bool = False) -> str:
     """Put a finished video at videos/<task>.mp4 (and at LightX2V's save_result_path); return its path.
-    `move` renames `src` (a run folder's copy) instead of copying it (the store's own file)."""
+    `move` renames `src` (a run folder's copy) instead of copying it (the store's own file). Raises
+    PublishError naming the path when either cannot be written."""
     dest = settings.videos / f"{task.id}.mp4"
-    if move:
-        os.replace(src, dest)
-    else:
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(src, tmp)
+    try:
+        if move:
+            os.replace(src, dest)
+        else:
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(src, tmp)
+    except OSError as e:
+        raise PublishError(f"could not write the video to {dest}: {e.strerror or e}") from None
     extra = task.job.get("save_result_path")
     if extra:
-        target = (settings.outputs / extra).resolve()
-        if target.is_relative_to(settings.outputs.resolve()):  # checked at submission; checked again here
+        try:  # checked at submission; checked again here (a symlink may have changed since)
+            target = result_target(settings, extra)
+        except RequestError as e:
+            raise PublishError(e.message) from None
+        try:
             with atomic_path(target) as tmp:
                 shutil.copyfile(dest, tmp)
+        except OSError as e:
+            raise PublishError(f"could not write save_result_path {extra!r}: {e.strerror or e}") from None
     return str(dest)
+
+
+def run_engine(manifest: Path, settings: ServiceSettings, out_dir: Path) -> None:
+    """The batch engine over one drain's manifest: the only place the worker calls it."""
+    from tasks.build import run_batch
+
+    run_batch(str(manifest), config=settings.config, output_dir=str(out_dir), store=settings.store,
+              local_scheduler=True)
+
+
+class TaskCancelled(Exception):
+    """Raised at a solver step of an artifact that only cancelled tasks need: the stage fails for them."""
+
+
+# error_type of a failed task (LightX2V's status field): ValueError (the request's values were refused when
+# the batch read them), StageError (a stage failed for this row), PublishError (the video could not be
+# written where asked), TimeoutError (TASK_TIMEOUT), WorkerCrashed (the worker died max_attempts times while
+# running it), InternalError (a bug or a disk problem failed the whole drain).
+
+
+def task_cost(job: dict[str, Any], config: dict[str, Any]) -> int:
+    """A task's share of a drain: its denoise steps (the request's infer_steps, else the config's)."""
+    return int(job.get("overrides", {}).get("infer_steps") or config["infer_steps"])
 
 
 class Worker:
@@ -81,6 +124,15 @@ class Worker:
         self.state: dict[str, Any] = {"pid": os.getpid(), "started_at": time.time(), "run_id": None,
                                       "drains": 0}
         self._stop = threading.Event()
+        self._drain: tuple[str, dict[str, set[str]]] | None = None  # (run id, artifact key -> task ids)
+        self._current: str | None = None
+        self._config = None
+        import luigi
+
+        from .. import faults
+
+        luigi.Task.event_handler(luigi.Event.START)(self._on_task_start)
+        faults.set_step_hook(self._check_cancelled)
 
     # -- health ------------------------------------------------------------------------------------------
     def check_models(self) -> None:
@@ -129,24 +181,55 @@ class Worker:
         self.queue.put("worker", {**self.state, "heartbeat": time.time()})
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         while True:
-            run_id, tasks = self.queue.claim(self.settings.batch_max, os.getpid())
-            if not tasks:
+            if not self.run_once():
                 time.sleep(self.settings.poll_interval)
-                continue
-            self.state["run_id"] = run_id
-            try:
-                self.drain(run_id, tasks)
-            except Exception as e:  # a bug or a disk problem: fail this group with the reason, keep serving
-                log.error("drain %s failed: %s\n%s", run_id, e, traceback.format_exc())
-                self.queue.finish(run_id, {t.id: ("failed", None, f"internal error: {type(e).__name__}: {e}")
-                                           for t in tasks})
+
+    def run_once(self) -> bool:
+        """Claim one drain (see queue.claim: the oldest task, then the cheapest that fit in drain_steps) and
+        run it; False when nothing was waiting."""
+        from ..config import load_config
+
+        if self._config is None:  # read once: a poll every 0.2 s need not parse the config again
+            self._config = load_config(self.settings.config or None)
+        config = self._config
+        run_id, tasks = self.queue.claim(self.settings.batch_max, os.getpid(),
+                                         cost=lambda job: task_cost(job, config), budget=self.settings.drain_steps)
+        if not tasks:
+            return False
+        self.state["run_id"] = run_id
+        try:
+            self.drain(run_id, tasks)
+        except Exception as e:  # a bug or a disk problem: fail this group with the reason, keep serving
+            log.error("drain %s failed: %s\n%s", run_id, e, traceback.format_exc())
+            self.queue.finish(run_id, {t.id: ("failed", None, f"internal error: {type(e).__name__}: {e}",
+                                              "InternalError") for t in tasks})
+        finally:
             self.state["run_id"] = None
             self.state["drains"] += 1
+        return True
+
+    # -- cancelling a running task -----------------------------------------------------------------------
+    def _on_task_start(self, task) -> None:
+        """Luigi's START event (same process: one local worker): the artifact now being computed."""
+        self._current = getattr(task, "key", None)
+
+    def _check_cancelled(self, stage: str) -> None:
+        """Before each solver step: stop if every task of this drain that needs the artifact was cancelled.
+        Artifacts other tasks share keep running; what is already in the store stays valid."""
+        drain = self._drain
+        if drain is None or self._current is None:
+            return
+        run_id, needs = drain
+        users = needs.get(self._current)
+        if not users:
+            return
+        cancelled = self.queue.cancelled_in_run(run_id)
+        if users <= cancelled:
+            raise TaskCancelled(f"cancelled by the client (task {', '.join(sorted(users))})")
 
     def drain(self, run_id: str, tasks: list[TaskRow]) -> None:
         import luigi
 
-        from tasks.build import run_batch
         from ..batch import load_batch
         from ..errors import WanBatchError
 
@@ -157,29 +240,44 @@ class Worker:
         try:  # the same validation and planning RunManifest does, so the stored plans match its artifacts
             plans = {p.job.job_id: p for p in load_batch(manifest, s.config).plans}
         except WanBatchError as e:
-            self.queue.finish(run_id, {t.id: ("failed", None, str(e)) for t in tasks})
+            self.queue.finish(run_id, {t.id: ("failed", None, str(e), "ValueError") for t in tasks})
             return
         refs = {tid: plan_refs(p) for tid, p in plans.items() if p.decode is not None}
         self.queue.set_plans(run_id, refs)
         unique = {(r[0], r[1]): r for plan in refs.values() for r in plan.values()}
         before = {k for k, r in unique.items() if self.store.sidecar_path(ref(r)).is_file()}
+        needs: dict[str, set[str]] = {}
+        for tid, plan in refs.items():
+            for r in plan.values():
+                needs.setdefault(r[1], set()).add(tid)
 
-        run_batch(str(manifest), config=s.config, output_dir=str(out_dir), store=s.store, local_scheduler=True)
+        self._drain, self._current = (run_id, needs), None
+        try:
+            run_engine(manifest, s, out_dir)
+        finally:
+            self._drain = self._current = None
 
         results = {}
         if (out_dir / "results.parquet").is_file():
             results = {r["job_id"]: r for r in pq.read_table(out_dir / "results.parquet").to_pylist()}
-        outcomes: dict[str, tuple[str, str | None, str | None]] = {}
+        outcomes: dict[str, tuple] = {}
         for t in tasks:
             r = results.get(t.id)
             if r and r["status"] == "ok":
-                outcomes[t.id] = ("done", publish(Path(r["video"]), t, s, move=True), None)
+                try:  # one task's bad path or full disk fails that task, never its neighbours
+                    outcomes[t.id] = ("done", publish(Path(r["video"]), t, s, move=True), None)
+                except PublishError as e:
+                    outcomes[t.id] = ("failed", None, str(e), "PublishError")
             else:
-                error = (r or {}).get("error") or (plans[t.id].error if t.id in plans else None)
-                outcomes[t.id] = ("failed", None, error or "the batch engine wrote no result for this task "
-                                                        f"(see {s.root / 'worker.log'})")
+                planned = plans.get(t.id)
+                if planned is not None and planned.error:  # the row's values were refused when read
+                    outcomes[t.id] = ("failed", None, planned.error, "ValueError")
+                else:
+                    error = (r or {}).get("error") or ("the batch engine wrote no result for this task "
+                                                       f"(see {s.root / 'worker.log'})")
+                    outcomes[t.id] = ("failed", None, error, "StageError")
         stage_runs, uses = self._stage_stats(refs, unique, before)
-        changed = self.queue.finish(run_id, outcomes, stage_runs, uses)
+        changed = self.queue.finish(run_id, outcomes, stage_runs, uses)  # cancelled rows stay cancelled
         log.info("run %s: %d done, %d failed (%d marked)", run_id,
                  sum(o[0] == "done" for o in outcomes.values()), sum(o[0] == "failed" for o in outcomes.values()),
                  changed)
