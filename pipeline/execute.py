@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, faults
+from .config import component_device
 from .errors import StageFailed
 from .models.loader import ModelRef, load_component
 from .fast.perf import batched_cfg, load_dit
@@ -42,6 +43,7 @@ def get_model(spec: StageSpec, component: str | None = None, fp: str | None = No
     ref = ModelRef.from_dict(spec.model)
     component = component or spec.model["component"]
     device, dtype = _device(spec), _DTYPES[spec.runtime["dtype"]]
+    device = component_device(component, spec.runtime, device)  # t5/vae/clip_cpu_offload
     gb = spec.runtime.get("vram_budget_gb" if device.type == "cuda" else "ram_budget_gb")
     budget = int(gb * 2**30) if gb else default_budget(device)
     fp = fp or spec.params.get("model") or spec.params.get("dit") or spec.params.get("vae")

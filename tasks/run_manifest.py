@@ -31,6 +31,8 @@ STAGE_COLUMNS = ("text", "text-negative", "image", "denoise-high", "denoise-low"
 class RunManifest(luigi.Task):
     manifest = luigi.Parameter(description="Parquet manifest, one row per video")
     config = luigi.Parameter(default="", description="LightX2V-style JSON config (default: embedded tiny model)")
+    model_path = luigi.Parameter(default="", description="model folder (LightX2V's --model_path); wins over the "
+                                                         "config's model_path")
     output_dir = luigi.Parameter(default="outputs")
     store = luigi.Parameter(default="wan-store", description="artifact store, shared across batches")
     strict = luigi.BoolParameter(default=False, description="refuse the manifest on any row-level problem")
@@ -43,7 +45,7 @@ class RunManifest(luigi.Task):
 
     @cached_property
     def plans(self) -> list[JobPlan]:
-        config = load_config(self.config or None)
+        config = load_config(self.config or None, self.model_path or None)
         jobs = read_manifest(self.manifest, config, strict=self.strict, check_image=check_image)
         return plan_jobs(jobs, config)
 

@@ -5,9 +5,18 @@ import argparse
 import uuid
 
 
+MODEL_PATH_HELP = ("the model folder (LightX2V's --model_path); wins over the config's model_path. A config "
+                   "with neither is refused")
+
+
+def add_model_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-path", default=None, help=MODEL_PATH_HELP)
+
+
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="Parquet manifest, one row per video")
-    p.add_argument("--config", default="", help="LightX2V-style JSON config (default: the embedded tiny model)")
+    p.add_argument("--config", default="", help="LightX2V-style JSON config (default: the embedded tiny model's)")
+    add_model_path(p)
     p.add_argument("--output-dir", default="outputs")
     p.add_argument("--store", default="wan-store", help="artifact store shared across batches")
     p.add_argument("--strict", action="store_true", help="refuse the manifest on any row-level problem")
@@ -21,17 +30,25 @@ def register(sub) -> None:
 
 
 def run_batch(manifest: str, config: str = "", output_dir: str = "outputs", store: str = "wan-store",
-              strict: bool = False, workers: int = 1, local_scheduler: bool | None = None) -> bool:
+              strict: bool = False, workers: int = 1, local_scheduler: bool | None = None,
+              model_path: str = "") -> bool:
     """Run RunManifest in this process; True when every row succeeded."""
     import luigi
 
     from tasks import RunManifest
 
-    task = RunManifest(manifest=manifest, config=config, output_dir=output_dir, store=store, strict=strict,
-                       run_id=uuid.uuid4().hex[:12])
+    task = RunManifest(manifest=manifest, config=config, model_path=model_path or "", output_dir=output_dir,
+                       store=store, strict=strict, run_id=uuid.uuid4().hex[:12])
     kwargs = {} if local_scheduler is None else {"local_scheduler": local_scheduler}
     result = luigi.build([task], workers=workers, detailed_summary=True, **kwargs)
     return result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY")
+
+
+def _absolute(path: str | None) -> str:
+    """The --model-path as an absolute path (the Luigi task and worker processes see the same folder)."""
+    import os
+
+    return "" if not path or path.startswith("builtin:") else os.path.abspath(os.path.expanduser(path))
 
 
 def main(args) -> int:
@@ -42,10 +59,12 @@ def main(args) -> int:
 
     # Validate up front so a bad manifest or config is reported plainly, before Luigi starts.
     try:
-        read_manifest(args.manifest, load_config(args.config or None), strict=args.strict, check_image=check_image)
+        read_manifest(args.manifest, load_config(args.config or None, args.model_path), strict=args.strict,
+                      check_image=check_image)
     except WanBatchError as e:
         print(f"error: {e}")
         return 2
-    ok = run_batch(args.manifest, args.config, args.output_dir, args.store, args.strict, args.workers)
+    ok = run_batch(args.manifest, args.config, args.output_dir, args.store, args.strict, args.workers,
+                   model_path=_absolute(args.model_path))
     print(f"results: {args.output_dir}/results.parquet")
     return 0 if ok else 1

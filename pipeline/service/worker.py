@@ -93,7 +93,7 @@ class Worker:
 
         models: dict[str, str] = {}
         try:
-            config = load_config(self.settings.config or None)
+            config = load_config(self.settings.config or None, self.settings.model_path or None)
             self.state["device"] = str(resolve_device(config["device"]))
             for task in ("t2v", "i2v"):
                 try:
@@ -158,7 +158,7 @@ class Worker:
         write_manifest(manifest, tasks)
         log.info("run %s: %d task(s)", run_id, len(tasks))
         try:  # the same validation and planning RunManifest does, so the stored plans match its artifacts
-            config = load_config(s.config or None)
+            config = load_config(s.config or None, s.model_path or None)
             plans = {p.job.job_id: p for p in plan_jobs(read_manifest(manifest, config, check_image=check_image),
                                                          config)}
         except WanBatchError as e:
