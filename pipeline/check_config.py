@@ -71,7 +71,7 @@ def check_config(path: str | Path, model_path: str | None = None) -> Report:
     groups = classify_keys(raw)
     for group in ("ours", "implemented", "kernel", "refused", "model class", "unknown"):
         if groups.get(group):
-            label = {"kernel": "kernel choice, same result", "unknown": "unknown, ignored"}.get(group, group)
+            label = {"kernel": "kernel choice, same result"}.get(group, group)
             report.lines.append(f"keys ({label}): {', '.join(groups[group])}")
     if groups.get("unknown"):
         report.warnings.append(f"unknown key(s) are ignored: {', '.join(groups['unknown'])}")
