@@ -74,6 +74,21 @@ def _is_type(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
+_POSITIVE = {"infer_steps", "text_len", "target_height", "target_width", "fps", "target_video_length"}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a JSON object"}
+
+
+def _expected(key: str, types: tuple[type, ...]) -> str:
+    """'a positive integer', 'true or false', 'a number or a list', ... for a type error message."""
+    if types == (int,) and key in _POSITIVE:
+        return "a positive integer"
+    words = [_TYPE_WORDS[t] for t in types if t in _TYPE_WORDS]
+    if "an integer" in words and "a number" in words:
+        words.remove("an integer")
+    return " or ".join(dict.fromkeys(words))
+
+
 def adjust_frames(n: int, task: str) -> int:
     """The frame count LightX2V makes of `n` (which needs the form 4k+1 for the VAE's 4x time stride):
     i2v rounds as set_config does (n // 4 * 4 + 1); t2v keeps the frames its latent count gives
@@ -246,9 +261,10 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
                 log.warning("config %s: unknown key '%s' is ignored (not a LightX2V Wan key nor one of ours)",
                             source, key)
             continue
-        types, desc = KNOWN_KEYS[key]
+        types, _ = KNOWN_KEYS[key]
         if value is not None and object not in types and not _is_type(value, types):
-            problems.append(f"config key '{key}': expected {desc}, got {type(value).__name__} {value!r}")
+            problems.append(f"config key '{key}': expected {_expected(key, types)}, got {type(value).__name__} "
+                            f"{value!r}")
     problems += key_problems(raw)
     values = {**DEFAULTS, **{k: v for k, v in raw.items() if k in KNOWN_KEYS and v is not None}}
     if model_path:
