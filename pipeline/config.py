@@ -117,7 +117,7 @@ def check_values(cfg: dict[str, Any], where: str = "config key", names: dict[str
     for key, top in (("infer_steps", MAX_STEPS), ("text_len", MAX_TEXT_LEN), ("fps", 1000)):
         v = cfg.get(key)
         if _is_type(v, (int,)) and not 0 < v <= top:
-            bad(key, f"must be between 1 and {top}")
+            bad(key, f"must be positive, at most {top}")
     v = cfg.get("sample_shift")
     if _is_type(v, _NUM) and (not math.isfinite(v) or v <= 0):
         bad("sample_shift", "must be a positive finite number")
@@ -153,17 +153,17 @@ def check_values(cfg: dict[str, Any], where: str = "config key", names: dict[str
     if isinstance(v, str) and not _device_ok(v):
         bad("device", "must be auto, cpu, cuda or cuda:N")
     for i, lora in enumerate(cfg.get("lora_configs") or []):
-        at = f"{where} 'lora_configs[{i}]'"
+        at = f"{where} 'lora_configs[{i}]"
         if not isinstance(lora, dict) or "path" not in lora:
-            problems.append(f"{at}: each entry needs a 'path' (got {lora!r})")
+            problems.append(f"{at}': each entry needs a 'path' (got {lora!r})")
             continue
         if not isinstance(lora["path"], str) or not lora["path"]:
-            problems.append(f"{at}.path: must be a file path (got {lora['path']!r})")
+            problems.append(f"{at}.path': must be a file path (got {lora['path']!r})")
         if lora.get("name", "high_noise_model") not in ("high_noise_model", "low_noise_model", "dit"):
-            problems.append(f"{at}.name: must be high_noise_model, low_noise_model or dit (got {lora.get('name')!r})")
+            problems.append(f"{at}.name': must be high_noise_model, low_noise_model or dit (got {lora.get('name')!r})")
         for k in ("strength", "alpha"):
             if k in lora and lora[k] is not None and not is_finite_number(lora[k]):
-                problems.append(f"{at}.{k}: must be a finite number (got {lora[k]!r})")
+                problems.append(f"{at}.{k}': must be a finite number (got {lora[k]!r})")
     return problems
 
 
