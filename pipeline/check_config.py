@@ -173,8 +173,9 @@ def _check_expert(config, folder: Path, fmt: str, task: str, family: str, expert
     for p in weights.check(expected):
         report.problems.append(f"{name}: {src['weights']}: {p}")
     found = _attempt(report, weights.quant_scheme, f"{name}: ")
-    if scheme and found and not scheme.startswith(found):
-        report.problems.append(f"{name}: dit_quant_scheme is {scheme} but {src['weights']} holds {found} weights")
+    mismatch = ld.quant_mismatch(scheme, found, src["weights"])
+    if mismatch:
+        report.problems.append(f"{name}: {mismatch}")
     if found and not scheme:
         report.warnings.append(f"{name}: {src['weights']} is {found}-quantized; set dit_quantized and "
                                f"dit_quant_scheme to say so (it loads quantized either way)")

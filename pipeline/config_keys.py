@@ -82,6 +82,13 @@ def _no_cache(value: Any) -> str | None:
             f"use \"NoCaching\" or remove the key")
 
 
+def _scheme(value: Any) -> str | None:
+    if isinstance(value, str) and not value.startswith(("fp8", "int8", "gguf")):
+        return (f"dit_quant_scheme {value!r}: only fp8-*, int8-* and gguf-* weights are implemented "
+                f"(nvfp4 / mxfp kernels are not)")
+    return None
+
+
 def _quant_off(what: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if value:
@@ -134,7 +141,8 @@ KEYS: dict[str, Key] = {
     "low_noise_original_ckpt": _impl((str,), "Wan2.2: the low-noise expert from this file"),
     "dit_quantized": _impl((bool,), "load quantized DiT weights (*_quantized_ckpt, or found under the model "
                                     "folder as LightX2V finds them)"),
-    "dit_quant_scheme": _impl((str,), "fp8-*, int8-*, gguf-*: the format of the quantized weights"),
+    "dit_quant_scheme": _impl((str,), "fp8-*, int8-*, gguf-*: the format of the quantized weights (the "
+                                      "suffix names LightX2V's matmul kernel: same weights)", _scheme),
     "dit_quantized_ckpt": _impl((str,), "Wan2.1: quantized DiT file (or a folder holding one)"),
     "high_noise_quantized_ckpt": _impl((str,), "Wan2.2: quantized high-noise expert file (or folder)"),
     "low_noise_quantized_ckpt": _impl((str,), "Wan2.2: quantized low-noise expert file (or folder)"),

@@ -269,7 +269,9 @@ CONFIG_CASES = [  # (id, raw JSON object, words the ConfigError must contain)
     ("lora-entry-without-path", {"lora_configs": [{"name": "high_noise_model"}]}, ["'lora_configs[0]'", "'path'"]),
     ("lora-bad-name", {"lora_configs": [{"name": "middle", "path": "x.safetensors"}]},
      ["'lora_configs[0].name'", "'middle'"]),
-    ("two-problems", {"infer_steps": "x", "video_crf": 99}, ["2 problem(s)", "'infer_steps'", "'video_crf'"]),
+    ("two-problems", {"model_path": "builtin:tiny", "infer_steps": "x", "video_crf": 99},
+     ["2 problem(s)", "'infer_steps'", "'video_crf'"]),
+    ("no-model", {"infer_steps": 4}, ["no model", "--model-path"]),
 ]
 
 

@@ -61,7 +61,43 @@ def models(tmp_path_factory, tiny_root):
     return root
 
 
-def model_for(models: Path, cls: str, task: str) -> Path:
+def quantized_copy(models: Path, cls: str, task: str, kind: str) -> Path:
+    """The stand-in model with its DiT quantized in place (fp8 / int8), as LightX2V's quantized releases hold
+    it: the folder a dit_quantized config with no *_quantized_ckpt points --model_path at."""
+    from pipeline.testing.standins import write_single_file
+    from pipeline.tiny import ensure_tiny_models
+
+    base = model_for(models, cls, task)
+    out = base.with_name(f"{base.name}-{kind}")
+    if out.is_dir():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    tiny = ensure_tiny_models()
+    task = "i2v" if task == "i2v" else "t2v"  # as model_for picks the base
+    if cls.startswith("wan2.2_moe"):
+        parts = {"high_noise_model": tiny / task / "transformer", "low_noise_model": tiny / task / "transformer_2"}
+    elif task == "i2v":
+        parts = {".": models / "Wan-AI" / "Wan2.1-I2V-14B-480P-Diffusers" / "transformer"}
+    else:
+        parts = {"transformer": tiny / "t2v" / "transformer"}
+    for sub, src in parts.items():
+        for f in [*(tmp / sub).glob("*.safetensors"), *(tmp / sub).glob("*.safetensors.index.json")]:
+            f.unlink()
+        write_single_file(src, tmp / sub / f"dit_{kind}.safetensors", kind)
+    tmp.rename(out)
+    return out
+
+
+def model_for(models: Path, cls: str, task: str, raw: dict | None = None) -> Path:
+    """The stand-in --model-path for a config (a quantized one when it says dit_quantized and names no file)."""
+    raw = raw or {}
+    scheme = str(raw.get("dit_quant_scheme") or "")
+    if (raw.get("dit_quantized") and scheme.startswith(("fp8", "int8"))
+            and not any(raw.get(k) for k in ("dit_quantized_ckpt", "high_noise_quantized_ckpt",
+                                             "low_noise_quantized_ckpt"))):
+        return quantized_copy(models, cls, task, scheme.split("-")[0])
     if cls.startswith("wan2.2_moe"):
         return models / "Wan-AI" / ("Wan2.2-I2V-A14B" if task == "i2v" else "Wan2.2-T2V-A14B")
     if task == "i2v":
@@ -91,6 +127,8 @@ def outcome(report, raw: dict) -> tuple[str, str]:
     m = re.search(r"config key(?:\(s\))? '([^']+)'", first) or re.search(r"config key '([^']+)'", first)
     if m:
         return "refused", f"key {m.group(1)}"
+    if "dit_quantized is true" in first:
+        return "refused", "key dit_quantized (the weights there are not quantized)"
     m = re.search(r"\(from (\w+)\)", first)
     if m:
         return "refused", f"file not found ({m.group(1)})"
@@ -106,7 +144,7 @@ def test_published_config_is_accepted_fully_or_refused_naming_why(models, tmp_pa
     monkeypatch.chdir(tmp_path)  # relative paths resolve against the working directory, as in LightX2V
     path, cls, task = user_config(tmp_path, name)
     raw = json.loads(path.read_text())
-    report = check_config(path, str(model_for(models, cls, task)))
+    report = check_config(path, str(model_for(models, cls, task, raw)))
     kind, why = outcome(report, raw)
     if kind == "accepted":
         # every key implemented or a documented kernel choice, and the model is the one passed, not tiny
@@ -114,15 +152,15 @@ def test_published_config_is_accepted_fully_or_refused_naming_why(models, tmp_pa
             assert classify(key, value)[0] in (IMPLEMENTED, KERNEL, OURS, "comment"), (name, key)
         assert "tiny" not in " ".join(report.lines).lower(), report.text()
         # and a run reads it the same way: the config loads and a row plans (every checkpoint resolved)
-        config = load_config(path, str(model_for(models, cls, task)))
+        config = load_config(path, str(model_for(models, cls, task, raw)))
         from pipeline.models.loader import resolve_model
 
         ref = resolve_model(config, "i2v" if task == "i2v" else "t2v")
-        assert Path(ref.path) == model_for(models, cls, task)
+        assert Path(ref.path) == model_for(models, cls, task, raw)
     else:
         assert not why.startswith("other"), f"{name}: refusal names no key or class: {report.problems}"
         with pytest.raises(WanBatchError):  # a run refuses it too
-            config = load_config(path, str(model_for(models, cls, task)))
+            config = load_config(path, str(model_for(models, cls, task, raw)))
             from pipeline.models.loader import resolve_model
 
             resolve_model(config, "i2v" if task == "i2v" else "t2v")
@@ -135,7 +173,7 @@ def test_counts_by_reason(models, tmp_path, monkeypatch, capsys):
     for name in NAMES:
         path, cls, task = user_config(tmp_path, name)
         raw = json.loads(path.read_text())
-        kind, why = outcome(check_config(path, str(model_for(models, cls, task))), raw)
+        kind, why = outcome(check_config(path, str(model_for(models, cls, task, raw))), raw)
         counts[kind if kind == "accepted" else f"refused: {why}"] += 1
         if cls not in ("wan2.1", "wan2.1_distill", "wan2.2_moe", "wan2.2_moe_distill"):
             assert kind == "refused" and "model class" in why or why.startswith("key"), (name, cls, why)

@@ -170,6 +170,16 @@ def dit_source(config: GenerationConfig, folder: Path, fmt: str, expert: str) ->
     return {"weights": str(Path(weights)), "config": str(arch), "config_format": arch_fmt}
 
 
+def quant_mismatch(scheme: str | None, found: str | None, weights: Path | str) -> str | None:
+    """Why the weights do not fit dit_quantized / dit_quant_scheme (None: they fit)."""
+    if scheme and found and not scheme.startswith(found):
+        return f"dit_quant_scheme is {scheme} but {weights} holds {found} weights"
+    if scheme and not found:
+        return (f"dit_quantized is true (dit_quant_scheme {scheme}) but {weights} holds no quantized weights: "
+                f"set *_quantized_ckpt to the quantized file, or dit_quantized false")
+    return None
+
+
 def _gguf_in(folder: Path, scheme: str, key: str) -> Path:
     """LightX2V's pick of a GGUF file in a folder: the one whose name holds the quant type (Q4_K_M, ...)."""
     kind = scheme[len("gguf-"):]
@@ -359,8 +369,9 @@ def load_dit(ref: ModelRef, expert: str, dtype: torch.dtype):
     else:
         weights = DitWeights(ref.dits[expert]["weights"])
         found = weights.quant_scheme()
-        if ref.quant_scheme and found and not ref.quant_scheme.startswith(found):
-            raise CheckpointError(f"dit_quant_scheme is {ref.quant_scheme} but {weights.path} holds {found} weights")
+        problem = quant_mismatch(ref.quant_scheme, found, weights.path)
+        if problem:
+            raise CheckpointError(problem)
         model = build_dit(dit_config(ref, expert), weights, dtype)
     apply_loras(model, [LoraSpec(**s) for s in ref.loras.get(expert, [])], expert)
     return model
