@@ -204,7 +204,8 @@ KEYS: dict[str, Key] = {
                                     "implemented"),
     "changing_resolution_steps": _refused("a parameter of changing_resolution, which is not implemented"),
     "resolution_rate": _refused("a parameter of changing_resolution, which is not implemented"),
-    "use_tiling_vae": _impl((bool,), "tiled VAE encode and decode (diffusers' AutoencoderKLWan tiling)"),
+    "use_tiling_vae": _impl((bool,), "tiled VAE encode and decode (diffusers' AutoencoderKLWan tiling: 256-px "
+                                     "tiles, 192-px stride; frames above 256 px differ slightly at the seams)"),
     "use_tae": _refused("LightX2V's tiny VAE (LightTAE) is not implemented"),
     "tae_path": _refused("LightX2V's tiny VAE (LightTAE) is not implemented"),
     "use_tiny_vae": _refused("LightX2V's tiny VAE (LightTAE) is not implemented"),

@@ -15,7 +15,7 @@ import torch
 from . import __version__, faults
 from .config import component_device
 from .errors import StageFailed
-from .models.loader import ModelRef, load_component
+from .models.loader import ModelRef, load_component, vae_tiling, with_tiling
 from .fast.perf import batched_cfg, load_dit
 from .plan import STAGE_VERSION, StageSpec
 from .runtime import MODELS, default_budget
@@ -56,8 +56,9 @@ def get_model(spec: StageSpec, component: str | None = None, fp: str | None = No
 
         return MODELS.get((component, fp, str(device), str(dtype)), load, budget, estimate,
                           exclusive="dit" if device.type == "cuda" else None)
-    return MODELS.get((component, fp, str(device), str(dtype)),
-                      lambda: load_component(ref, component, device, dtype), budget, estimate)
+    tiling = vae_tiling(component, spec.runtime)  # use_tiling_vae: a tiled VAE is its own cache entry
+    return MODELS.get((component, fp, str(device), str(dtype), *(("tiled",) if tiling else ())),
+                      lambda: with_tiling(load_component(ref, component, device, dtype), tiling), budget, estimate)
 
 
 def _estimate_bytes(ref: ModelRef, component: str) -> int:

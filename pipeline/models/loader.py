@@ -453,6 +453,19 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
     raise ValueError(f"unknown component {component!r}")
 
 
+def vae_tiling(component: str, runtime: dict[str, Any]) -> bool:
+    """LightX2V's use_tiling_vae: the VAE encodes and decodes in overlapping spatial tiles (less memory at
+    large sizes; the blended seams differ from a whole-frame decode by a small error, see the tests)."""
+    return component == "vae" and bool(runtime.get("use_tiling_vae"))
+
+
+def with_tiling(module: Any, tiling: bool) -> Any:
+    """Turn on diffusers' AutoencoderKLWan tiling (its default 256-pixel tiles, 192-pixel stride)."""
+    if tiling:
+        module.enable_tiling()
+    return module
+
+
 def scheduler_config(ref: ModelRef) -> dict[str, Any]:
     if ref.format == "diffusers":
         return _read_json(Path(ref.path) / "scheduler" / "scheduler_config.json")
