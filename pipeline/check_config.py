@@ -136,6 +136,9 @@ def _check_model(config: GenerationConfig, key: str, report: Report) -> None:
                                                             config.resolve_path)) or {}
         if config.get("use_image_encoder") is False and image_encoder:
             report.problems.append(ld.image_encoder_refusal(folder))
+        mismatch = ld.model_cls_mismatch(config.get("model_cls"), family, folder)
+        if mismatch:
+            report.problems.append(mismatch)
         for comp in ("text", "vae", *(("clip",) if image_encoder else ())):
             desc = _attempt(report, lambda: _check_component(folder, fmt, comp), f"{COMPONENT_NAMES[comp]}: ")
             if desc:

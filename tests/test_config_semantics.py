@@ -310,3 +310,14 @@ def test_use_tiling_vae_tiles_the_vae_and_stays_close(tiny_root):
     assert a.shape == b.shape == (1, 320, 320, 3)
     assert err.max() > 0  # the tiles were used
     assert err.mean() < 0.02 and off < 0.05  # the error sits at the seams
+
+
+def test_model_cls_must_fit_the_model_folder(tiny_root, tmp_path, capsys):
+    from pipeline.models.loader import resolve_model
+
+    with pytest.raises(CheckpointError, match="'model_cls': wan2.1 needs a wan2.1 model, but .* is a wan2.2 model"):
+        resolve_model(parse_config({"model_path": "builtin:tiny", "model_cls": "wan2.1"}), "t2v")
+    assert resolve_model(parse_config({"model_path": "builtin:tiny", "model_cls": "wan2.2_moe"}), "t2v").family == "wan2.2"
+    path = _config(tmp_path, model_cls="wan2.1_distill")
+    assert cli(["check-config", str(path), "--model-path", str(tiny_root / "t2v")]) == 1
+    assert "wan2.1_distill needs a wan2.1 model" in capsys.readouterr().out

@@ -238,10 +238,25 @@ def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
     loras = parse_lora_configs(config.get("lora_configs"), experts, config.resolve_path)
     if image_encoder and config.get("use_image_encoder") is False:
         raise CheckpointError(image_encoder_refusal(folder))
+    mismatch = model_cls_mismatch(config.get("model_cls"), family, folder)
+    if mismatch:
+        raise CheckpointError(mismatch)
     return ModelRef(path=str(folder), task=task, format=fmt, family=family, experts=experts,
                     boundary_ratio=boundary, dits=dits,
                     loras={e: [s.to_dict() for s in specs] for e, specs in loras.items()},
                     quant_scheme=scheme, image_encoder=image_encoder)
+
+
+def model_cls_mismatch(model_cls: str | None, family: str, folder: Path) -> str | None:
+    """model_cls (LightX2V's --model_cls) names the family the model folder must be: wan2.1* one DiT,
+    wan2.2_moe* the two A14B experts."""
+    if not model_cls:
+        return None
+    want = "wan2.2" if model_cls.startswith("wan2.2_moe") else "wan2.1"
+    if want != family:
+        return (f"config key 'model_cls': {model_cls} needs a {want} model, but {folder} is a {family} model "
+                f"({'two experts' if family == 'wan2.2' else 'one DiT'})")
+    return None
 
 
 def image_encoder_refusal(folder: Path) -> str:
