@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -483,6 +484,37 @@ def _make_jobs(b: Bench, root: Path) -> tuple[Path, list[dict[str, Any]]]:
     return manifest, rows
 
 
+class GpuIdle:
+    """The share of a stretch of wall time with no GPU kernel running: NVML's utilization (the percent of its
+    last sample period in which a kernel was executing) polled every 50 ms; a poll reading 0 counts as idle.
+    None when NVML cannot be read (no pynvml / nvidia-ml-py)."""
+
+    def __init__(self, device):
+        self.device, self.samples, self._stop = device, [], threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                self.samples.append(torch.cuda.utilization(self.device))
+            except Exception:  # noqa: BLE001 - NVML missing: no figure, not a failed benchmark
+                return
+
+    def __enter__(self) -> "GpuIdle":
+        if self.device.type == "cuda":
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    @property
+    def share(self) -> float | None:
+        return sum(u == 0 for u in self.samples) / len(self.samples) if self.samples else None
+
+
 def section_batch(b: Bench) -> None:
     import pyarrow.parquet as pq
 
@@ -512,8 +544,9 @@ def section_batch(b: Bench) -> None:
     try:
         b.reset_peak()
         t0 = time.perf_counter()
-        ok = run_batch(str(manifest), config=str(cfg_path), output_dir=str(root / "outputs"),
-                       store=str(root / "store"), strict=False)
+        with GpuIdle(b.device) as idle:
+            ok = run_batch(str(manifest), config=str(cfg_path), output_dir=str(root / "outputs"),
+                           store=str(root / "store"), strict=False)
         wall = time.perf_counter() - t0
         loads = sum(MODELS.load_seconds.values())
         load_counts = {f"{k[0]}:{k[1]}": v for k, v in MODELS.loads.items()}
@@ -529,7 +562,8 @@ def section_batch(b: Bench) -> None:
                for k in ("text", "image", "denoise-high", "denoise-low", "decode")}
     b.emit(section="batch", pipeline="ours (Luigi, fp8 + compile, one expert resident)", jobs=n, ok=done,
            all_ok=ok, wall_s=wall, model_build_s=loads, batch_s=s_ours, videos_per_hour=3600 * n / s_ours,
-           loads=load_counts, peak_gb=b.peak_gb(), stage_s=stage_s,
+           loads=load_counts, peak_gb=b.peak_gb(), stage_s=stage_s, gpu_idle_share=idle.share,
+           gpu_idle_samples=len(idle.samples),
            errors=[r["error"] for r in results if r["error"]][:3])
     if s_theirs and done == n:
         b.emit(section="batch", ratio_videos_per_hour=s_theirs / s_ours)
@@ -537,7 +571,8 @@ def section_batch(b: Bench) -> None:
         b.emit(section="batch", error=f"only {done} of {n} videos were made: the timing is not comparable")
     b.row(f"4-step batch, {n} jobs {h}p (s; videos/h ours {3600 * n / s_ours:.0f}"
           + (f", diffusers {3600 * n / s_theirs:.0f})" if s_theirs else ")"), s_ours, s_theirs, b.peak_gb(),
-          b.state.get("diffusers_batch_peak"), note=f"{done}/{n} MP4s; model builds excluded ({loads:.0f} s)")
+          b.state.get("diffusers_batch_peak"), note=f"{done}/{n} MP4s; model builds excluded ({loads:.0f} s); GPU idle "
+          + (f"{100 * idle.share:.0f}% of the wall time" if idle.share is not None else "not measured (no NVML)"))
 
 
 def _diffusers_loop(b: Bench, folders: dict[str, Path], rows: list[dict[str, Any]], hwf, root: Path) -> float:

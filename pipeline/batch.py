@@ -47,12 +47,12 @@ class Batch:
 
 
 def load_batch(manifest: str | os.PathLike, config: str | os.PathLike | GenerationConfig | None = None,
-               strict: bool = False) -> Batch:
+               strict: bool = False, model_path: str | None = None) -> Batch:
     """Read the config (a path, '' / None for the embedded tiny model, or a GenerationConfig already read) and
     the manifest, validated against it with every image opened. Raises WanBatchError (ConfigError,
     ManifestError) for a problem that stops the whole batch; row problems stay on their jobs (all of them,
-    with `strict`, raise)."""
+    with `strict`, raise). `model_path` is the --model-path option (LightX2V's --model_path)."""
     if not isinstance(config, GenerationConfig):
-        config = load_config(config or None)
+        config = load_config(config or None, model_path or None)
     jobs = read_manifest(manifest, config, strict=strict, check_image=check_image)
     return Batch(manifest=str(Path(manifest)), config=config, jobs=jobs)

@@ -4,13 +4,12 @@ architecture, from headers and memory maps only (no 28 GB read). Every problem i
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import (BUILTIN_TINY, DEFAULTS, LIGHTX2V_IGNORED, LIGHTX2V_KEYS, OUR_KEYS, GenerationConfig,
-                      parse_config)
+from .config import BUILTIN_TINY, GenerationConfig, default_config_path, parse_config, read_raw
+from .config_keys import classify
 from .errors import CheckpointError, ConfigError
 from .models import loader as ld
 from .models.verify import check_component
@@ -46,42 +45,51 @@ class Report:
 
 
 def classify_keys(raw: dict[str, Any]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = {"ours": [], "LightX2V": [], "LightX2V, no effect here": [], "unknown": []}
-    for k in raw:
-        if k.startswith("_"):
-            continue
-        if k in OUR_KEYS:
-            groups["ours"].append(k)
-        elif k in LIGHTX2V_KEYS:
-            groups["LightX2V"].append(k)
-        elif k in LIGHTX2V_IGNORED:
-            groups["LightX2V, no effect here"].append(k)
-        else:
-            groups["unknown"].append(k)
+    """The config's keys by class (config_keys.KEYS decides, the same table a run reads)."""
+    groups: dict[str, list[str]] = {}
+    for k, v in raw.items():
+        kind, _ = classify(k, v)
+        if kind != "comment":
+            groups.setdefault(kind, []).append(k)
     return groups
 
 
-def check_config(path: str | Path) -> Report:
-    path = Path(path)
+PATH_KEYS = ("model_path", "i2v_model_path", "dit_original_ckpt", "high_noise_original_ckpt",
+             "low_noise_original_ckpt", "dit_quantized_ckpt", "high_noise_quantized_ckpt", "low_noise_quantized_ckpt")
+
+
+def check_config(path: str | Path, model_path: str | None = None) -> Report:
+    """Check a config as `run` would read it; `model_path` is the --model-path option (it wins)."""
+    path = Path(path) if path else default_config_path()
     report = Report(str(path))
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(raw, dict):
-            raise ValueError("the top level must be a JSON object")
-    except (OSError, ValueError) as e:
-        report.problems.append(f"cannot read {path}: {e}")
+        raw = read_raw(path)
+    except ConfigError as e:
+        report.problems += [f"cannot read {path}: {p}" for p in e.problems]
         return report
-    for group, keys in classify_keys(raw).items():
-        if keys:
-            report.lines.append(f"keys ({group}): {', '.join(keys)}")
-    if classify_keys(raw)["unknown"]:
-        report.warnings.append(f"unknown key(s) are ignored: {', '.join(classify_keys(raw)['unknown'])}")
+    groups = classify_keys(raw)
+    for group in ("ours", "implemented", "kernel", "refused", "model class", "unknown"):
+        if groups.get(group):
+            label = {"kernel": "kernel choice, same result"}.get(group, group)
+            report.lines.append(f"keys ({label}): {', '.join(groups[group])}")
+    if groups.get("unknown"):
+        report.warnings.append(f"unknown key(s) are ignored: {', '.join(groups['unknown'])}")
     base = path.parent.resolve()
     try:
-        config = parse_config(raw, source=str(path), base_dir=base)
+        config = parse_config(raw, source=str(path), base_dir=base, model_path=model_path, require_model=True)
     except ConfigError as e:
         report.problems += e.problems
-        config = GenerationConfig(values={**DEFAULTS, **raw}, source=str(path), base_dir=base)
+        return report  # a config run refuses is not checked further: the run would not get that far
+    for key in PATH_KEYS:
+        value = config.get(key)
+        if not value or value == BUILTIN_TINY:
+            continue
+        where, how = config.locate(value)
+        src = " (--model-path)" if key == "model_path" and model_path else ""
+        report.lines.append(f"path {key}{src}: {value} -> {show(where)} [{how}]")
+    for lora in config.get("lora_configs") or []:
+        where, how = config.locate(lora["path"])
+        report.lines.append(f"path lora_configs {lora['path']} -> {show(where)} [{how}]")
     for key in ("model_path", "i2v_model_path"):
         if config.get(key):
             _check_model(config, key, report)
@@ -126,8 +134,10 @@ def _check_model(config: GenerationConfig, key: str, report: Report) -> None:
         loras = _attempt(report, lambda: parse_lora_configs(config.get("lora_configs"), experts,
                                                             config.resolve_path)) or {}
         if config.get("use_image_encoder") is False and image_encoder:
-            report.warnings.append("use_image_encoder is false but this DiT takes CLIP image features: "
-                                   "the image encoder is used anyway")
+            report.problems.append(ld.image_encoder_refusal(folder))
+        mismatch = ld.model_cls_mismatch(config.get("model_cls"), family, folder)
+        if mismatch:
+            report.problems.append(mismatch)
         for comp in ("text", "vae", *(("clip",) if image_encoder else ())):
             desc = _attempt(report, lambda: check_component(folder, fmt, comp).description,
                             f"{COMPONENT_NAMES[comp]}: ")
@@ -166,8 +176,9 @@ def _check_expert(config, folder: Path, fmt: str, task: str, family: str, expert
     for p in weights.check(expected):
         report.problems.append(f"{name}: {src['weights']}: {p}")
     found = _attempt(report, weights.quant_scheme, f"{name}: ")
-    if scheme and found and not scheme.startswith(found):
-        report.problems.append(f"{name}: dit_quant_scheme is {scheme} but {src['weights']} holds {found} weights")
+    mismatch = ld.quant_mismatch(scheme, found, src["weights"])
+    if mismatch:
+        report.problems.append(f"{name}: {mismatch}")
     if found and not scheme:
         report.warnings.append(f"{name}: {src['weights']} is {found}-quantized; set dit_quantized and "
                                f"dit_quant_scheme to say so (it loads quantized either way)")

@@ -1,9 +1,9 @@
 """LightX2V-style JSON config: read, validate (every problem at once), apply per-row overrides.
 
-A LightX2V user's Wan2.2 config works unchanged: its keys keep LightX2V's meaning. Our own keys (model
-location, device, memory budgets) are listed in OUR_KEYS and documented in README. Keys we know LightX2V
-uses but that do not change our output (kernel choices, parallel layout) are accepted silently; anything
-else gets a warning naming the key, never silence.
+A LightX2V user's Wan config works unchanged: its keys keep LightX2V's meaning. What each key does here is
+one table (config_keys.KEYS): implemented, a kernel choice with the same result, or refused with the reason
+(a key of a model class we do not run names the class). Keys in no table get a warning naming the key.
+The model comes from --model-path (LightX2V's --model_path) or the config's model_path: never by default.
 """
 from __future__ import annotations
 
@@ -15,81 +15,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config_keys import KEYS, OURS, is_finite_number, key_problems
 from .errors import ConfigError
 from .parallel.layout import problems as parallel_problems
 
 log = logging.getLogger(__name__)
 
 BUILTIN_TINY = "builtin:tiny"
+MODEL_PATH_HINT = ("pass --model-path (LightX2V's --model_path) or set model_path in the config; the embedded "
+                   "tiny model is model_path \"builtin:tiny\" (pipeline/configs/wan22_moe_tiny.json)")
 
-# key -> (accepted python types, short description used in error messages)
+# key -> (accepted python types, short description used in error messages): from the one table
 _NUM = (int, float)
-LIGHTX2V_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "infer_steps": ((int,), "a positive integer"),
-    "target_video_length": ((int,), "an integer of the form 4k+1"),
-    "text_len": ((int,), "a positive integer"),
-    "target_height": ((int,), "a positive multiple of 16"),
-    "target_width": ((int,), "a positive multiple of 16"),
-    "sample_guide_scale": ((int, float, list), "a number or a [high_noise, low_noise] pair"),
-    "sample_shift": (_NUM, "a positive number"),
-    "enable_cfg": ((bool,), "true or false"),
-    "boundary": (_NUM, "a number in (0, 1)"),
-    "boundary_step_index": ((int,), "an index into denoising_step_list"),
-    "denoising_step_list": ((list,), "a list of timesteps in (0, 1000], decreasing"),
-    "self_attn_1_type": ((str,), "an attention backend name"),
-    "cross_attn_1_type": ((str,), "an attention backend name"),
-    "cross_attn_2_type": ((str,), "an attention backend name"),
-    "cpu_offload": ((bool,), "true or false"),
-    "offload_granularity": ((str,), "model, block or phase"),
-    "t5_cpu_offload": ((bool,), "true or false"),
-    "vae_cpu_offload": ((bool,), "true or false"),
-    "lazy_load": ((bool,), "true or false"),
-    "use_image_encoder": ((bool,), "true or false"),
-    "use_tiling_vae": ((bool,), "true or false"),
-    "use_tiny_vae": ((bool,), "true or false"),
-    "lora_configs": ((list,), "a list of {name, path, strength}"),
-    "high_noise_original_ckpt": ((str,), "a file path"),
-    "low_noise_original_ckpt": ((str,), "a file path"),
-    "dit_original_ckpt": ((str,), "a file path"),
-    "dit_quantized": ((bool,), "true or false"),
-    "dit_quant_scheme": ((str,), "fp8-sgl, int8, gguf-Q4_K_M, gguf-Q8_0, ..."),
-    "high_noise_quantized_ckpt": ((str,), "a file path"),
-    "low_noise_quantized_ckpt": ((str,), "a file path"),
-    "dit_quantized_ckpt": ((str,), "a file path"),
-    "t5_quantized": ((bool,), "true or false"),
-    "t5_quant_scheme": ((str,), "a quant scheme name"),
-    "fps": ((int,), "a positive integer"),
-    "sample_neg_prompt": ((str,), "a string"),
-    "seed": ((int,), "an integer"),
-    "model_cls": ((str,), "a LightX2V model class name"),
-    "task": ((str,), "t2v or i2v"),
-    "parallel": ((dict, bool), "a {seq_p_size, cfg_p_size} object"),
-    "seq_parallel": ((bool,), "true or false"),
-    "cfg_parallel": ((bool,), "true or false"),
-    "torch_compile": ((bool,), "true or false"),
-}
-# LightX2V keys that only pick kernels or features we do not implement: accepted, no effect on output.
-LIGHTX2V_IGNORED = {
-    "mm_config", "feature_caching", "teacache_thresh", "use_ret_steps", "rotary_chunk", "clean_cuda_cache",
-    "compile_shapes", "unload_modules", "use_31_block", "vae_stride", "patch_size",
-    "num_channels_latents", "attention_type", "quant_op", "changing_resolution", "t5_offload_granularity",
-    "enable_cfg_truncation", "audio_sr", "do_mm_calib", "num_fragments", "infer_dtype",
-}
-OUR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "model_path": ((str,), "a model folder or builtin:tiny"),
-    "i2v_model_path": ((str,), "an image-to-video model folder or builtin:tiny"),
-    "model_format": ((str,), "auto, diffusers or wan (Wan's original layout)"),
-    "device": ((str,), "auto, cpu or cuda[:N]"),
-    "dtype": ((str,), "auto, float32, bfloat16 or float16"),
-    "ram_budget_gb": (_NUM, "a positive number"),
-    "vram_budget_gb": (_NUM, "a positive number"),
-    "video_crf": ((int,), "an integer 0..51"),
-    "batched_cfg": ((bool,), "true or false"),
-    "activation_reserve_gb": (_NUM, "a positive number"),
-}
+KNOWN_KEYS: dict[str, tuple[tuple[type, ...], str]] = {k: (e.types, e.desc) for k, e in KEYS.items()}
+OUR_KEYS = {k: KNOWN_KEYS[k] for k, e in KEYS.items() if e.kind == OURS}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Upper bounds that keep a run from failing deep inside a model (issue 19): the DiT's rotary table has 1024
+# positions per axis (latent frames, height/16, width/16); T5's attention is quadratic in text_len.
+MAX_FRAMES = 4 * 1023 + 1
+MAX_SIDE = 1024 * 16
+MAX_TEXT_LEN = 4096
+MAX_STEPS = 10000
 
 DEFAULTS: dict[str, Any] = {
-    "model_path": BUILTIN_TINY,
     "i2v_model_path": None,
     "model_format": "auto",
     "task": "t2v",
@@ -100,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "target_width": 832,
     "sample_guide_scale": 5.0,
     "sample_shift": 5.0,
-    "enable_cfg": True,
+    "enable_cfg": False,  # LightX2V's default (get_default_config)
     "fps": 16,
     "sample_neg_prompt": "",
     "seed": 42,
@@ -130,6 +78,28 @@ def _is_type(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
+_POSITIVE = {"infer_steps", "text_len", "target_height", "target_width", "fps", "target_video_length"}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a JSON object"}
+
+
+def _expected(key: str, types: tuple[type, ...]) -> str:
+    """'a positive integer', 'true or false', 'a number or a list', ... for a type error message."""
+    if types == (int,) and key in _POSITIVE:
+        return "a positive integer"
+    words = [_TYPE_WORDS[t] for t in types if t in _TYPE_WORDS]
+    if "an integer" in words and "a number" in words:
+        words.remove("an integer")
+    return " or ".join(dict.fromkeys(words))
+
+
+def adjust_frames(n: int, task: str) -> int:
+    """The frame count LightX2V makes of `n` (which needs the form 4k+1 for the VAE's 4x time stride):
+    i2v rounds as set_config does (n // 4 * 4 + 1); t2v keeps the frames its latent count gives
+    ((n - 1) // 4 + 1 latent frames decode to (n - 1) // 4 * 4 + 1 frames)."""
+    return n // 4 * 4 + 1 if task == "i2v" else (n - 1) // 4 * 4 + 1
+
+
 def check_values(cfg: dict[str, Any], where: str = "config key", names: dict[str, str] | None = None) -> list[str]:
     """Range checks shared by the config file and per-row overrides; returns problem sentences.
 
@@ -142,22 +112,23 @@ def check_values(cfg: dict[str, Any], where: str = "config key", names: dict[str
 
     for key in ("target_height", "target_width"):
         v = cfg.get(key)
-        if isinstance(v, int) and (v <= 0 or v % 16):
-            bad(key, "must be a positive multiple of 16")
+        if isinstance(v, int) and (v <= 0 or v % 16 or v > MAX_SIDE):
+            bad(key, f"must be a positive multiple of 16, at most {MAX_SIDE}")
     v = cfg.get("target_video_length")
-    if isinstance(v, int) and (v < 1 or (v - 1) % 4):
-        bad("target_video_length", "frame count must be of the form 4k+1 (1, 5, 9, ..., 81)")
-    for key in ("infer_steps", "text_len", "fps"):
+    if _is_type(v, (int,)) and not 1 <= v <= MAX_FRAMES:
+        bad("target_video_length", f"frame count must be between 1 and {MAX_FRAMES} (the DiT's rotary "
+                                   f"positions cover 1024 latent frames)")
+    for key, top in (("infer_steps", MAX_STEPS), ("text_len", MAX_TEXT_LEN), ("fps", 1000)):
         v = cfg.get(key)
-        if isinstance(v, int) and v <= 0:
-            bad(key, "must be positive")
+        if _is_type(v, (int,)) and not 0 < v <= top:
+            bad(key, f"must be positive, at most {top}")
     v = cfg.get("sample_shift")
-    if isinstance(v, _NUM) and not isinstance(v, bool) and (not math.isfinite(v) or v <= 0):
+    if _is_type(v, _NUM) and (not math.isfinite(v) or v <= 0):
         bad("sample_shift", "must be a positive finite number")
     v = cfg.get("sample_guide_scale")
     if isinstance(v, list):
         if len(v) != 2 or not all(_is_type(x, _NUM) and math.isfinite(x) for x in v):
-            bad("sample_guide_scale", "a list must be [high_noise_scale, low_noise_scale]")
+            bad("sample_guide_scale", "a list must be [high_noise_scale, low_noise_scale], both finite numbers")
     elif _is_type(v, _NUM) and not math.isfinite(v):
         bad("sample_guide_scale", "must be finite")
     v = cfg.get("boundary")
@@ -178,13 +149,36 @@ def check_values(cfg: dict[str, Any], where: str = "config key", names: dict[str
     v = cfg.get("video_crf")
     if isinstance(v, int) and not 0 <= v <= 51:
         bad("video_crf", "must be 0..51")
-    for lora in cfg.get("lora_configs") or []:
+    for key in ("ram_budget_gb", "vram_budget_gb", "activation_reserve_gb"):
+        v = cfg.get(key)
+        if _is_type(v, _NUM) and not (math.isfinite(v) and v > 0):
+            bad(key, "must be a positive finite number of GB")
+    v = cfg.get("dtype")
+    if isinstance(v, str) and v not in DTYPES:
+        bad("dtype", f"must be one of {', '.join(DTYPES)}")
+    v = cfg.get("device")
+    if isinstance(v, str) and not _device_ok(v):
+        bad("device", "must be auto, cpu, cuda or cuda:N")
+    for i, lora in enumerate(cfg.get("lora_configs") or []):
+        at = f"{where} 'lora_configs[{i}]"
         if not isinstance(lora, dict) or "path" not in lora:
-            problems.append(f"{where} 'lora_configs': each entry needs a 'path' (got {lora!r})")
-        elif lora.get("name", "high_noise_model") not in ("high_noise_model", "low_noise_model", "dit"):
-            problems.append(f"{where} 'lora_configs': name must be high_noise_model, low_noise_model or dit "
-                            f"(got {lora.get('name')!r})")
+            problems.append(f"{at}': each entry needs a 'path' (got {lora!r})")
+            continue
+        if not isinstance(lora["path"], str) or not lora["path"]:
+            problems.append(f"{at}.path': must be a file path (got {lora['path']!r})")
+        if lora.get("name", "high_noise_model") not in ("high_noise_model", "low_noise_model", "dit"):
+            problems.append(f"{at}.name': must be high_noise_model, low_noise_model or dit (got {lora.get('name')!r})")
+        for k in ("strength", "alpha"):
+            if k in lora and lora[k] is not None and not is_finite_number(lora[k]):
+                problems.append(f"{at}.{k}': must be a finite number (got {lora[k]!r})")
     return problems
+
+
+def _device_ok(name: str) -> bool:
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    head, _, idx = name.partition(":")
+    return head == "cuda" and idx.isdigit()
 
 
 @dataclass(frozen=True)
@@ -202,11 +196,25 @@ class GenerationConfig:
         return self.values.get(key, default)
 
     def resolve_path(self, value: str | None) -> str | None:
-        """Model paths in a config are relative to the config file's folder (or absolute, or builtin:)."""
+        return self.locate(value)[0]
+
+    def locate(self, value: str | None) -> tuple[str | None, str]:
+        """(absolute path, how it was found) of a path in the config. Relative paths resolve against the
+        working directory, as LightX2V resolves them; when nothing is there but the path exists next to the
+        config file, that one is used (a config kept beside its models). Absent anywhere: the working
+        directory's path (its error names it)."""
         if value is None or value.startswith("builtin:"):
-            return value
+            return value, "builtin"
         p = Path(os.path.expanduser(value))
-        return str(p if p.is_absolute() else (self.base_dir / p).resolve())
+        if p.is_absolute():
+            return str(p), "absolute"
+        here = (Path.cwd() / p).resolve()
+        if here.exists():
+            return str(here), "working directory"
+        beside = (self.base_dir / p).resolve()
+        if beside.exists():
+            return str(beside), "config's folder (fallback: not found in the working directory)"
+        return str(here), "working directory (not found there, nor in the config's folder)"
 
     def with_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
         merged = dict(self.values)
@@ -222,9 +230,8 @@ def default_config_path() -> Path:
     return Path(__file__).parent / "configs" / "wan22_moe_tiny.json"
 
 
-def load_config(path: str | os.PathLike | None = None) -> GenerationConfig:
-    """Read and validate a config file; None or '' means the embedded tiny model's config."""
-    path = Path(path) if path else default_config_path()
+def read_raw(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -235,28 +242,60 @@ def load_config(path: str | os.PathLike | None = None) -> GenerationConfig:
         raise ConfigError(str(path), [f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), ["the top level must be a JSON object"])
-    return parse_config(raw, source=str(path), base_dir=path.parent.resolve())
+    return raw
 
 
-def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None = None) -> GenerationConfig:
+def load_config(path: str | os.PathLike | None = None, model_path: str | None = None) -> GenerationConfig:
+    """Read and validate a config file; None or '' means the embedded tiny model's config (named in the log).
+    `model_path` (the --model-path option, LightX2V's --model_path) wins over the config's model_path; with
+    neither the config is refused: the tiny model is never picked for a config that did not ask for it."""
+    if not path:
+        path = default_config_path()
+        log.info("no config given: the embedded tiny model's config %s", path)
+    path = Path(path)
+    return parse_config(read_raw(path), source=str(path), base_dir=path.parent.resolve(), model_path=model_path,
+                        require_model=True)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None = None,
+                 model_path: str | None = None, require_model: bool = False) -> GenerationConfig:
+    """Validate a config dict: every key's class is decided here (config_keys.KEYS), so check-config and a
+    run agree. `require_model`: refuse a config that names no model (the entry points set it)."""
     problems: list[str] = []
-    known = {**LIGHTX2V_KEYS, **OUR_KEYS}
     for key, value in raw.items():
-        if key in LIGHTX2V_IGNORED or key.startswith("_"):
+        if key not in KNOWN_KEYS:
+            if not key.startswith(("_", "comment")):
+                log.warning("config %s: unknown key '%s' is ignored (not a LightX2V Wan key nor one of ours)",
+                            source, key)
             continue
-        if key not in known:
-            log.warning("config %s: unknown key '%s' is ignored (not a LightX2V Wan key nor one of ours)", source, key)
-            continue
-        types, desc = known[key]
-        if value is not None and not _is_type(value, types):
-            problems.append(f"config key '{key}': expected {desc}, got {type(value).__name__} {value!r}")
-    values = {**DEFAULTS, **{k: v for k, v in raw.items() if k in known and v is not None}}
+        types, _ = KNOWN_KEYS[key]
+        if value is not None and object not in types and not _is_type(value, types):
+            problems.append(f"config key '{key}': expected {_expected(key, types)}, got {type(value).__name__} "
+                            f"{value!r}")
+    problems += key_problems(raw)
+    values = {**DEFAULTS, **{k: v for k, v in raw.items() if k in KNOWN_KEYS and v is not None}}
+    if model_path:
+        values["model_path"] = model_path
+    if require_model and not values.get("model_path"):
+        problems.append(f"no model: {MODEL_PATH_HINT}")
+    if values.get("use_compile") is not None:  # LightX2V's name for our torch_compile runtime setting
+        values["torch_compile"] = bool(values["use_compile"])
     if values.get("denoising_step_list") is not None:
-        # LightX2V's distilled configs run without CFG unless they say otherwise.
         values.setdefault("boundary_step_index", len(values["denoising_step_list"]) // 2)
-        if "enable_cfg" not in raw:
-            values["enable_cfg"] = False
     problems += check_values(values)
+    n = values.get("target_video_length")
+    if _is_type(n, (int,)) and 1 <= n <= MAX_FRAMES and (n - 1) % 4:
+        fixed = adjust_frames(n, values.get("task", "t2v"))
+        log.warning("config %s: target_video_length %d is not of the form 4k+1; adjusted to %d as LightX2V "
+                    "does", source, n, fixed)
+        values["target_video_length"] = fixed
+    par = values.get("parallel")
+    if isinstance(par, dict) and par.get("cfg_p_size") == 2 and not values.get("enable_cfg"):
+        # LightX2V: cfg_parallel = enable_cfg and cfg_p_size > 1; with CFG off each rank group computes the
+        # same single prediction, so one group gives the same video on half the GPUs.
+        log.warning("config %s: parallel.cfg_p_size 2 with CFG off: there is no unconditional prediction to "
+                    "split, so the Denoise runs on seq_p_size GPUs (as LightX2V's ranks compute it)", source)
+        values["parallel"] = {**par, "cfg_p_size": 1}
     problems += parallel_problems(values.get("parallel"), bool(values.get("enable_cfg")))
     if values.get("task") not in ("t2v", "i2v"):
         problems.append(f"config key 'task': must be t2v or i2v (got {values.get('task')!r})")
@@ -265,6 +304,18 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
     if problems:
         raise ConfigError(source, problems)
     return GenerationConfig(values=values, source=source, base_dir=base_dir or Path.cwd())
+
+
+def component_device(component: str, runtime: dict[str, Any], device: Any) -> Any:
+    """Where a component runs: t5_cpu_offload / vae_cpu_offload / clip_cpu_offload true keep the T5 encoder,
+    the VAE or the CLIP encoder in CPU memory, as LightX2V does, and run it there (LightX2V moves it to the GPU
+    for each use; the numbers are the same within floating-point tolerance, the GPU holds none of it). Unset,
+    the component stays on the run's device: LightX2V's default for these keys is cpu_offload, which here
+    means DiT block streaming only (the other components then use VRAM, not a different result)."""
+    import torch
+
+    key = {"text": "t5_cpu_offload", "vae": "vae_cpu_offload", "clip": "clip_cpu_offload"}.get(component)
+    return torch.device("cpu") if key and runtime.get(key) else device
 
 
 def guide_scales(values: dict[str, Any]) -> tuple[float, float]:

@@ -125,11 +125,11 @@ def sort_chain(chain: list[tuple[str, ArtifactRef]]) -> list[tuple[str, Artifact
     return sorted(chain, key=lambda item: STAGE_ORDER.index(item[0]) if item[0] in STAGE_ORDER else 99)
 
 
-def find_job(manifest: str, config_path: str | None, job_id: str):
+def find_job(manifest: str, config_path: str | None, job_id: str, model_path: str | None = None):
     """The plan of one job of a manifest (by job_id) under a config."""
     from .batch import load_batch
 
-    return load_batch(manifest, config_path).plan_of(job_id)
+    return load_batch(manifest, config_path, model_path=model_path).plan_of(job_id)
 
 
 # -- statistics ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import MAX_SEED, ROW_OVERRIDES, GenerationConfig, check_values
+from .config import MAX_FRAMES, MAX_SEED, ROW_OVERRIDES, GenerationConfig, adjust_frames, check_values
 from .errors import ManifestError, WanBatchError
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,11 @@ def read_manifest(path: str | Path, config: GenerationConfig, strict: bool = Fal
                 if err:
                     errors.append(err)
                     continue
-            elif isinstance(value, float) and math.isnan(value):
-                continue  # NaN in a float override column means "use the config's value"
+            elif isinstance(value, float) and not math.isfinite(value):
+                # refused, not "use the config's value": a NaN is more likely a broken writer than a choice
+                # (null is the way to say "the config's value")
+                errors.append(f"column '{column}' is {value!r}: give a finite number, or null for the config's value")
+                continue
             overrides[key] = value
         errors += check_values(overrides, where="column", names={k: c for c, k in ROW_OVERRIDES.items()})
 
@@ -241,6 +244,12 @@ def read_manifest(path: str | Path, config: GenerationConfig, strict: bool = Fal
                     check_image(image)
                 except WanBatchError as e:
                     errors.append(f"column 'image': {e}")
+        n = overrides.get("target_video_length")
+        if isinstance(n, int) and 1 <= n <= MAX_FRAMES and (n - 1) % 4:
+            fixed = adjust_frames(n, "i2v" if image else "t2v")
+            log.warning("manifest %s: row %d, column 'num_frames': %d is not of the form 4k+1; adjusted to %d "
+                        "as LightX2V does", path.name, i, n, fixed)
+            overrides["target_video_length"] = fixed
         jobs.append(Job(row=i, job_id=job_id, prompt=str(prompt or ""),
                         negative_prompt=raw.get("negative_prompt"), image=image or None, seed=seed,
                         overrides=overrides, loras=loras,

@@ -152,11 +152,13 @@ def get_model(spec, fingerprint: str, component: str | None = None, device: torc
     """The model a stage spec needs, from the process-wide cache (loaded at most once while it fits the
     budget). `component` picks another component of the spec's model (the image stage's CLIP encoder, with
     its own fingerprint); `device` overrides the spec's (a parallel rank's own GPU)."""
-    from .models.loader import ModelRef, estimate_bytes, load_component
+    from .config import component_device
+    from .models.loader import ModelRef, estimate_bytes, load_component, vae_tiling, with_tiling
 
     ref = ModelRef.from_dict(spec.model)
     component = component or spec.model["component"]
     device = device or torch.device(spec.runtime["device"])
+    device = component_device(component, spec.runtime, device)  # t5/vae/clip_cpu_offload
     dtype = DTYPES[spec.runtime["dtype"]]
     gb = spec.runtime.get("vram_budget_gb" if device.type == "cuda" else "ram_budget_gb")
     budget = int(gb * 2**30) if gb else default_budget(device)
@@ -167,7 +169,9 @@ def get_model(spec, fingerprint: str, component: str | None = None, device: torc
         # expert is resident at a time (stage-major order needs just one; its activations get the room)
         return MODELS.get(key, lambda: load_fast_dit(load_component, ref, component, device, dtype, spec.runtime, budget),
                           budget, estimate, exclusive="dit" if device.type == "cuda" else None)
-    return MODELS.get(key, lambda: load_component(ref, component, device, dtype), budget, estimate)
+    tiling = vae_tiling(component, spec.runtime)  # use_tiling_vae: a tiled VAE is its own cache entry
+    return MODELS.get(key + (("tiled",) if tiling else ()),
+                      lambda: with_tiling(load_component(ref, component, device, dtype), tiling), budget, estimate)
 
 
 def load_fast_dit(load, ref, component: str, device: torch.device, dtype: torch.dtype, runtime: dict[str, Any],

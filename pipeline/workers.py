@@ -213,6 +213,7 @@ class WorkerRun:
 class BatchSpec:
     manifest: str
     config: str = ""
+    model_path: str = ""  # --model-path (absolute), passed on to every worker's RunManifest
     output_dir: str = "outputs"
     store: str = "wan-store"
     strict: bool = False
@@ -228,6 +229,8 @@ def worker_command(batch: BatchSpec, scheduler: Scheduler, gpu_per_task: int) ->
            "--worker-keep-alive", "--no-lock", "--wan-batch-gpu-per-task", str(gpu_per_task)]
     if batch.config:
         cmd += ["--config", batch.config]
+    if batch.model_path:
+        cmd += ["--model-path", batch.model_path]
     if batch.strict:
         cmd.append("--strict")
     return cmd + batch.extra

@@ -9,10 +9,11 @@ from .run_manifest import RunManifest
 
 
 def run_batch(manifest: str, config: str = "", output_dir: str = "outputs", store: str = "wan-store",
-              strict: bool = False, workers: int = 1, local_scheduler: bool | None = None) -> bool:
+              strict: bool = False, workers: int = 1, local_scheduler: bool | None = None,
+              model_path: str = "") -> bool:
     """Run RunManifest in this process; True when every row succeeded."""
-    task = RunManifest(manifest=manifest, config=config, output_dir=output_dir, store=store, strict=strict,
-                       run_id=uuid.uuid4().hex[:12])
+    task = RunManifest(manifest=manifest, config=config, model_path=model_path or "", output_dir=output_dir,
+                       store=store, strict=strict, run_id=uuid.uuid4().hex[:12])
     kwargs = {} if local_scheduler is None else {"local_scheduler": local_scheduler}
     result = luigi.build([task], workers=workers, detailed_summary=True, **kwargs)
     return result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY")

@@ -32,6 +32,8 @@ STAGE_COLUMNS = job_stage_names()  # seconds_<stage> columns of results.parquet
 class RunManifest(luigi.Task):
     manifest = luigi.Parameter(description="Parquet manifest, one row per video")
     config = luigi.Parameter(default="", description="LightX2V-style JSON config (default: embedded tiny model)")
+    model_path = luigi.Parameter(default="", description="model folder (LightX2V's --model_path); wins over the "
+                                                         "config's model_path")
     output_dir = luigi.Parameter(default="outputs")
     store = luigi.Parameter(default="wan-store", description="artifact store, shared across batches")
     strict = luigi.BoolParameter(default=False, description="refuse the manifest on any row-level problem")
@@ -44,7 +46,7 @@ class RunManifest(luigi.Task):
 
     @cached_property
     def plans(self) -> list[JobPlan]:
-        return load_batch(self.manifest, self.config, strict=self.strict).plans
+        return load_batch(self.manifest, self.config, strict=self.strict, model_path=self.model_path or None).plans
 
     def requires(self):
         return [task_for(p.decode, self.store, self.run_id) for p in self.plans if p.decode is not None]

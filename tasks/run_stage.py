@@ -22,6 +22,7 @@ class RunStage(luigi.WrapperTask):
     job_id = luigi.Parameter(description="job_id of the row")
     stage = luigi.Parameter(description=", ".join(job_stage_names()))
     config = luigi.Parameter(default="", description="config the batch runs with (default: the tiny model)")
+    model_path = luigi.Parameter(default="", description="the model folder (LightX2V's --model_path)")
     store = luigi.Parameter(default="wan-store")
 
     @cached_property
@@ -29,7 +30,7 @@ class RunStage(luigi.WrapperTask):
         from pipeline.inspect import find_job
         from pipeline.rerun import stage_spec
 
-        return stage_spec(find_job(self.manifest, self.config or None, self.job_id), self.stage)
+        return stage_spec(find_job(self.manifest, self.config or None, self.job_id, self.model_path or None), self.stage)
 
     def requires(self):
         return task_for(self.spec, self.store)

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("pipeline.models",)),
     ("fast paths", ("pipeline.fast",)),
     ("base", ("pipeline.config", "pipeline.manifest", "pipeline.store", "pipeline.errors", "pipeline.faults",
-              "pipeline.tiny", "pipeline.luigi_setup", "pipeline.threads", "pipeline.version",
+              "pipeline.tiny", "pipeline.luigi_setup", "pipeline.threads", "pipeline.version", "pipeline.config_keys",
               "pipeline.parallel.layout")),  # the `parallel` config value, read by config.py
 ]
 EXEMPT = {("pipeline", "tasks.run_manifest"), ("pipeline", "tasks.run_stage"), ("pipeline", "tasks.stages")}

@@ -86,7 +86,7 @@ def test_strict_refuses_row_problems(tmp_path):
 
 
 @pytest.mark.parametrize("column,value,expected", [
-    ("num_frames", 10, "frame count must be of the form 4k+1"),
+    ("num_frames", 10001, "frame count must be between 1 and 4093"),  # 10 is adjusted to 9, as LightX2V does
     ("height", 100, "positive multiple of 16"),
     ("width", -16, "positive multiple of 16"),
     ("seed", 1.5, "column 'seed' must be a whole number"),
@@ -112,7 +112,7 @@ def test_unknown_config_key_warns(tmp_path, caplog):
 @pytest.mark.parametrize("raw,expected", [
     ({"infer_steps": "40"}, "config key 'infer_steps': expected a positive integer, got str"),
     ({"enable_cfg": 1}, "config key 'enable_cfg': expected true or false"),
-    ({"target_video_length": 80}, "4k+1"),
+    ({"target_video_length": 10001}, "'target_video_length': frame count must be between 1 and 4093"),
     ({"denoising_step_list": [1000, 750], "boundary_step_index": 5}, "'boundary_step_index': must be between 0 and 2"),
     ({"sample_guide_scale": [1, 2, 3]}, "[high_noise_scale, low_noise_scale]"),
 ])

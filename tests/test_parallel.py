@@ -54,12 +54,16 @@ def test_bad_parallel_config_is_refused(value, message):
         parse_config({"parallel": value})
 
 
-def test_cfg_parallel_needs_cfg():
+def test_cfg_parallel_with_cfg_off_runs_the_single_prediction(caplog):
+    """LightX2V: cfg_parallel = enable_cfg and cfg_p_size > 1, so its CFG-off distill configs with cfg_p_size 2
+    run; here the Denoise runs on seq_p_size GPUs (issue 17)."""
     from pipeline.config import parse_config
-    from pipeline.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="2 needs enable_cfg true"):
-        parse_config({"parallel": {"cfg_p_size": 2}, "enable_cfg": False})
+    caplog.set_level("WARNING")
+    cfg = parse_config({"parallel": {"seq_p_size": 2, "cfg_p_size": 2}, "enable_cfg": False})
+    assert cfg["parallel"] == {"seq_p_size": 2, "cfg_p_size": 1}
+    assert any("cfg_p_size 2 with CFG off" in r.getMessage() for r in caplog.records)
+    assert parse_config({"parallel": {"seq_p_size": 2, "cfg_p_size": 2}, "enable_cfg": True})["parallel"]["cfg_p_size"] == 2
     assert parse_config({"parallel": {"seq_p_size": 2, "cfg_p_size": 2}})["parallel"]["seq_p_size"] == 2
 
 

@@ -1,10 +1,13 @@
 """wan-batch diagnose: environment, checkpoint health, memory fit, and a stage-by-stage run of one job."""
 from __future__ import annotations
 
+from .run import add_model_path
+
 
 def register(sub) -> None:
     p = sub.add_parser("diagnose", help="check the environment, checkpoints, memory; run each stage once")
     p.add_argument("--config", default="", help="LightX2V-style JSON config (default: the embedded tiny model)")
+    add_model_path(p)
     p.add_argument("--quick", action="store_true", help="environment: Python, torch/CUDA, ffmpeg, packages")
     p.add_argument("--health", action="store_true", help="checkpoints found and opened, keys match the architecture")
     p.add_argument("--memory", action="store_true", help="free RAM/VRAM vs. the config's needs; offload advice")
@@ -27,7 +30,7 @@ def main(args) -> int:
     config = None
     if set(chosen) - {"quick"}:
         try:
-            config = load_config(args.config or None)
+            config = load_config(args.config or None, args.model_path)
         except WanBatchError as e:
             print(f"error: {e}")
             return 2

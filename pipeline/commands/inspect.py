@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from .run import add_model_path
 
 
 def register(sub) -> None:
@@ -10,6 +11,7 @@ def register(sub) -> None:
     p.add_argument("--store", default="wan-store", help="artifact store")
     p.add_argument("--manifest", help="the manifest the job is in (needed for a job_id)")
     p.add_argument("--config", default="", help="the config the batch ran with (default: the tiny model)")
+    add_model_path(p)
     p.add_argument("--preview", metavar="DIR", help="write PNG previews (input image, latents, frames) here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=main)
@@ -27,7 +29,7 @@ def main(args) -> int:
         return 2
     try:
         if args.manifest:
-            plan = find_job(args.manifest, args.config or None, args.target)
+            plan = find_job(args.manifest, args.config or None, args.target, args.model_path)
             if plan.decode is None:
                 print(f"job {args.target}: not runnable: {plan.error}")
                 return 1

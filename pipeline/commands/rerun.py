@@ -4,8 +4,8 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-
 from ..stages.registry import job_stage_names
+from .run import add_model_path
 
 
 def register(sub) -> None:
@@ -14,6 +14,7 @@ def register(sub) -> None:
     p.add_argument("--stage", required=True, help=", ".join(job_stage_names()))
     p.add_argument("--manifest", required=True)
     p.add_argument("--config", default="")
+    add_model_path(p)
     p.add_argument("--store", default="wan-store")
     p.add_argument("--output-dir", help="also publish the new video as <output-dir>/<job_id>.mp4")
     p.add_argument("--no-run", action="store_true", help="only invalidate (then e.g. luigi ... RunStage)")
@@ -31,7 +32,7 @@ def main(args) -> int:
 
     store = ArtifactStore(args.store)
     try:
-        plan = find_job(args.manifest, args.config or None, args.job)
+        plan = find_job(args.manifest, args.config or None, args.job, args.model_path)
         spec = stage_spec(plan, args.stage)
     except WanBatchError as e:
         print(f"error: {e}")

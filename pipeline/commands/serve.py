@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else: set a token)")
     p.add_argument("--port", type=int, default=None, help="port (default $SERVER_PORT or 8088; 0 picks a free one)")
     p.add_argument("--config", default="", help="LightX2V-style JSON config (default: the embedded tiny model)")
+    p.add_argument("--model-path", default=None, help="the model folder (LightX2V's --model_path); wins over the "
+                   "config's model_path. A config with neither is refused")
     p.add_argument("--store", default="wan-store", help="artifact store, shareable with `wan-batch run` (default wan-store)")
     p.add_argument("--service-dir", default="wan-service", help="queue database, inputs, videos, run folders, logs (default wan-service)")
     p.add_argument("--max-queue", type=int, default=None,
@@ -79,7 +81,8 @@ def main(args) -> int:
         print("error: $WAN_BATCH_TOKEN is set but empty; set a token or unset it", file=sys.stderr)
         return 2
     settings = ServiceSettings.from_env(
-        service_dir=args.service_dir, store=args.store, config=args.config, host=args.host, port=args.port,
+        service_dir=args.service_dir, store=args.store, config=args.config, model_path=args.model_path,
+        host=args.host, port=args.port,
         max_queue=args.max_queue, task_timeout=args.task_timeout, batch_max=args.batch_max,
         max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20),
         url_timeout=args.url_timeout, allowed_image_dirs=args.allow_image_dir, token=token,

@@ -1,11 +1,14 @@
 """wan-batch validate: check a manifest and config without running anything; list every problem."""
 from __future__ import annotations
 
+from .run import add_model_path
+
 
 def register(sub) -> None:
     p = sub.add_parser("validate", help="validate a manifest (and config) and list every problem")
     p.add_argument("--manifest", required=True)
     p.add_argument("--config", default="")
+    add_model_path(p)
     p.add_argument("--strict", action="store_true")
     p.set_defaults(func=main)
 
@@ -15,7 +18,7 @@ def main(args) -> int:
     from ..errors import WanBatchError
 
     try:
-        jobs = load_batch(args.manifest, args.config, strict=args.strict).jobs
+        jobs = load_batch(args.manifest, args.config, strict=args.strict, model_path=args.model_path).jobs
     except WanBatchError as e:
         print(f"error: {e}")
         return 2

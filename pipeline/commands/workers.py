@@ -6,7 +6,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .run import add_batch_arguments
+from .run import absolute_model_path, add_batch_arguments
 
 
 def register(sub) -> None:
@@ -41,7 +41,7 @@ def _per_worker(args) -> int:
     from ..config import load_config
     from ..parallel.layout import ParallelLayout
 
-    return ParallelLayout.from_value(load_config(args.config or None).get("parallel")).world
+    return ParallelLayout.from_value(load_config(args.config or None, args.model_path).get("parallel")).world
 
 
 def main(args) -> int:
@@ -53,7 +53,7 @@ def main(args) -> int:
                            wait_workers)
 
     try:  # refuse a bad manifest or config plainly, before any process starts
-        load_batch(args.manifest, args.config, strict=args.strict)
+        load_batch(args.manifest, args.config, strict=args.strict, model_path=args.model_path)
         gpus = _gpu_list(args)
         cpu = gpus[0] == "cpu"
         per_worker = 1 if cpu else _per_worker(args)
@@ -63,7 +63,8 @@ def main(args) -> int:
     except (WanBatchError, ValueError) as e:  # StateDirError is a ValueError
         print(f"error: {e}")
         return 2
-    batch = BatchSpec(manifest=args.manifest, config=args.config, output_dir=args.output_dir, store=args.store,
+    batch = BatchSpec(manifest=args.manifest, config=args.config, model_path=absolute_model_path(args.model_path),
+                      output_dir=args.output_dir, store=args.store,
                       strict=args.strict, run_id=uuid.uuid4().hex[:12])
     log_dir = Path(args.log_dir or Path(args.output_dir) / "worker-logs")
     results = Path(args.output_dir) / "results.parquet"

@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 PERF_KEYS = ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type", "torch_compile", "cpu_offload",
              "offload_granularity", "lazy_load", "batched_cfg", "activation_reserve_gb",
-             "parallel")  # seq/CFG parallel Denoise on several GPUs (pipeline/parallel)
+             "parallel",  # seq/CFG parallel Denoise on several GPUs (pipeline/parallel)
+             "t5_cpu_offload", "vae_cpu_offload", "clip_cpu_offload",
+             "use_tiling_vae")  # tiled VAE encode/decode (models.loader.vae_tiling)  # where T5/VAE/CLIP live (config.component_device)
 
 # VRAM kept free for activations when planning how many blocks stay resident under cpu_offload (480p 81
 # frames, batch 2, eager: about 6 GB were measured at the peak; 720p needs about twice that).

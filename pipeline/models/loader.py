@@ -102,13 +102,18 @@ def detect_format(folder: Path) -> str:
 
 def model_folder(config: GenerationConfig, task: str) -> Path:
     path = config.get("model_path")
+    key = "model_path"
     if task == "i2v" and config.get("i2v_model_path"):
-        path = config["i2v_model_path"]
+        path, key = config["i2v_model_path"], "i2v_model_path"
+    if not path:
+        from ..config import MODEL_PATH_HINT
+
+        raise CheckpointError(f"no model: {MODEL_PATH_HINT}")
     if path == BUILTIN_TINY:
         return ensure_tiny_models() / task
     folder = Path(config.resolve_path(path))
     if not folder.is_dir():
-        raise CheckpointError(f"model folder not found: {folder} (config key model_path)")
+        raise CheckpointError(f"model folder not found: {folder} ({key}: --model-path or the config's {key})")
     return folder
 
 
@@ -137,20 +142,25 @@ def model_facts(folder: Path, fmt: str) -> tuple[str, str, tuple[str, ...], floa
 
 
 def dit_source(config: GenerationConfig, folder: Path, fmt: str, expert: str) -> dict[str, str]:
+    """Where an expert's weights and architecture config are. With dit_quantized and no *_quantized_ckpt the
+    quantized weights are the model folder's DiT files, as LightX2V loads them from model_path (Wan2.1: the
+    folder itself; Wan2.2: high_noise_model/ and low_noise_model/). A folder as the checkpoint: its
+    .safetensors files (block-split folders), or for gguf-* the .gguf file named after the quant type."""
     qkey, okey = CKPT_KEYS[expert]
-    if config.get("dit_quantized"):
-        if not config.get(qkey):
-            raise CheckpointError(f"dit_quantized is true but config key {qkey} (the {expert} expert's quantized "
-                                  f"checkpoint) is not set")
-        weights = config.resolve_path(config[qkey])
-    elif config.get(okey):
-        weights = config.resolve_path(config[okey])
+    if config.get("dit_quantized") and config.get(qkey):
+        weights, key = config.resolve_path(config[qkey]), qkey
+    elif config.get(okey) and not (config.get("dit_quantized") and expert == "low"):
+        # LightX2V's Wan2.2 runner takes low_noise_original_ckpt only when dit_quantized is false
+        weights, key = config.resolve_path(config[okey]), okey
     elif fmt == "diffusers":
-        weights = str(folder / COMPONENTS[expert][0])
+        weights, key = str(folder / COMPONENTS[expert][0]), "model_path"
     else:
-        weights = str(wl.wan_dit_dir(folder, expert))
+        weights, key = str(wl.wan_dit_dir(folder, expert)), "model_path"
     if not Path(weights).exists():
-        raise CheckpointError(f"{expert} expert checkpoint not found: {weights}")
+        raise CheckpointError(f"{expert} expert checkpoint not found: {weights} (from {key})")
+    scheme = str(config.get("dit_quant_scheme") or "") if config.get("dit_quantized") else ""
+    if Path(weights).is_dir() and scheme.startswith("gguf"):
+        weights = str(_gguf_in(Path(weights), scheme, key))
     if fmt == "diffusers":
         arch, arch_fmt = folder / COMPONENTS[expert][0] / "config.json", "diffusers"
     else:
@@ -158,6 +168,27 @@ def dit_source(config: GenerationConfig, folder: Path, fmt: str, expert: str) ->
     if not arch.is_file():
         raise CheckpointError(f"missing architecture config {arch} for the {expert} expert")
     return {"weights": str(Path(weights)), "config": str(arch), "config_format": arch_fmt}
+
+
+def quant_mismatch(scheme: str | None, found: str | None, weights: Path | str) -> str | None:
+    """Why the weights do not fit dit_quantized / dit_quant_scheme (None: they fit)."""
+    if scheme and found and not scheme.startswith(found):
+        return f"dit_quant_scheme is {scheme} but {weights} holds {found} weights"
+    if scheme and not found:
+        return (f"dit_quantized is true (dit_quant_scheme {scheme}) but {weights} holds no quantized weights: "
+                f"set *_quantized_ckpt to the quantized file, or dit_quantized false")
+    return None
+
+
+def _gguf_in(folder: Path, scheme: str, key: str) -> Path:
+    """LightX2V's pick of a GGUF file in a folder: the one whose name holds the quant type (Q4_K_M, ...)."""
+    kind = scheme[len("gguf-"):]
+    found = sorted(p for p in folder.glob("*.gguf") if kind in p.name)
+    if len(found) != 1:
+        names = ", ".join(p.name for p in sorted(folder.glob("*.gguf"))) or "none"
+        raise CheckpointError(f"{key}: folder {folder} must hold one .gguf file named with {kind} for "
+                              f"dit_quant_scheme {scheme} (.gguf files there: {names})")
+    return found[0]
 
 
 def quant_scheme(config: GenerationConfig) -> str | None:
@@ -205,8 +236,11 @@ def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
     from .lora import parse_lora_configs
 
     loras = parse_lora_configs(config.get("lora_configs"), experts, config.resolve_path)
-    if config.get("t5_quantized"):
-        raise CheckpointError("t5_quantized is not supported: use the bf16 T5 (models_t5_umt5-xxl-enc-bf16.pth)")
+    if image_encoder and config.get("use_image_encoder") is False:
+        raise CheckpointError(image_encoder_refusal(folder))
+    mismatch = model_cls_mismatch(config.get("model_cls"), family, folder)
+    if mismatch:
+        raise CheckpointError(mismatch)
     ref = ModelRef(path=str(folder), task=task, format=fmt, family=family, experts=experts,
                    boundary_ratio=boundary, dits=dits,
                    loras={e: [s.to_dict() for s in specs] for e, specs in loras.items()},
@@ -218,6 +252,23 @@ def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
             if lora_refusal(ref, e):
                 raise CheckpointError(lora_refusal(ref, e))
     return ref
+
+
+def model_cls_mismatch(model_cls: str | None, family: str, folder: Path) -> str | None:
+    """model_cls (LightX2V's --model_cls) names the family the model folder must be: wan2.1* one DiT,
+    wan2.2_moe* the two A14B experts."""
+    if not model_cls:
+        return None
+    want = "wan2.2" if model_cls.startswith("wan2.2_moe") else "wan2.1"
+    if want != family:
+        return (f"config key 'model_cls': {model_cls} needs a {want} model, but {folder} is a {family} model "
+                f"({'two experts' if family == 'wan2.2' else 'one DiT'})")
+    return None
+
+
+def image_encoder_refusal(folder: Path) -> str:
+    return (f"config key 'use_image_encoder': false, but the DiT of {folder} takes CLIP image features "
+            f"(Wan2.1 I2V); running it without them is not implemented")
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -329,7 +380,8 @@ def dit_config(ref: ModelRef, expert: str) -> dict[str, Any]:
 
 def _plain_diffusers(ref: ModelRef, expert: str) -> bool:
     d = ref.dits[expert]
-    return ref.format == "diffusers" and Path(d["weights"]) == Path(ref.path) / COMPONENTS[expert][0]
+    return (ref.format == "diffusers" and not ref.quant_scheme
+            and Path(d["weights"]) == Path(ref.path) / COMPONENTS[expert][0])
 
 
 def load_dit(ref: ModelRef, expert: str, dtype: torch.dtype):
@@ -351,8 +403,9 @@ def load_dit(ref: ModelRef, expert: str, dtype: torch.dtype):
     else:
         weights = DitWeights(ref.dits[expert]["weights"])
         found = weights.quant_scheme()
-        if ref.quant_scheme and found and not ref.quant_scheme.startswith(found):
-            raise CheckpointError(f"dit_quant_scheme is {ref.quant_scheme} but {weights.path} holds {found} weights")
+        problem = quant_mismatch(ref.quant_scheme, found, weights.path)
+        if problem:
+            raise CheckpointError(problem)
         model = build_dit(dit_config(ref, expert), weights, dtype)
     apply_loras(model, [LoraSpec(**s) for s in ref.loras.get(expert, [])], expert)
     return model
@@ -432,6 +485,19 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise CheckpointError(f"cannot load the {component} model from {folder}: {e}") from e
     raise ValueError(f"unknown component {component!r}")
+
+
+def vae_tiling(component: str, runtime: dict[str, Any]) -> bool:
+    """LightX2V's use_tiling_vae: the VAE encodes and decodes in overlapping spatial tiles (less memory at
+    large sizes; the blended seams differ from a whole-frame decode by a small error, see the tests)."""
+    return component == "vae" and bool(runtime.get("use_tiling_vae"))
+
+
+def with_tiling(module: Any, tiling: bool) -> Any:
+    """Turn on diffusers' AutoencoderKLWan tiling (its default 256-pixel tiles, 192-pixel stride)."""
+    if tiling:
+        module.enable_tiling()
+    return module
 
 
 def scheduler_config(ref: ModelRef) -> dict[str, Any]:

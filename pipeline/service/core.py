@@ -22,7 +22,7 @@ class Service:
         settings.make_dirs()
         self.settings = settings
         self.queue = TaskQueue(settings.db_path)
-        self.config = load_config(settings.config or None)
+        self.config = load_config(settings.config or None, settings.model_path or None)
         self.store = ArtifactStore(settings.store)
         self.images = ImageFetcher(settings)
         self.supervisor = Supervisor(settings, self.queue) if start_worker else None

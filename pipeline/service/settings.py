@@ -33,6 +33,7 @@ class ServiceSettings:
     service_dir: str = "wan-service"
     store: str = "wan-store"
     config: str = ""  # LightX2V-style JSON; "" = the embedded tiny model
+    model_path: str = ""  # --model-path (LightX2V's --model_path): wins over the config's model_path
     host: str = "127.0.0.1"
     port: int = 8088
     # queue
@@ -76,6 +77,8 @@ class ServiceSettings:
         out.service_dir = str(Path(self.service_dir).resolve())
         out.store = str(Path(self.store).resolve())
         out.config = str(Path(self.config).resolve()) if self.config else ""
+        if self.model_path and not self.model_path.startswith("builtin:"):
+            out.model_path = str(Path(self.model_path).expanduser().resolve())
         out.allowed_image_dirs = [str(Path(d).resolve()) for d in self.allowed_image_dirs]
         out.output_roots = [str(Path(d).resolve()) for d in self.output_roots]
         out.lora_dir = str(Path(self.lora_dir).resolve()) if self.lora_dir else ""

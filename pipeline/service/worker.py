@@ -98,7 +98,7 @@ def run_engine(manifest: Path, settings: ServiceSettings, out_dir: Path) -> None
     from tasks.build import run_batch
 
     run_batch(str(manifest), config=settings.config, output_dir=str(out_dir), store=settings.store,
-              local_scheduler=True)
+              local_scheduler=True, model_path=settings.model_path or "")
 
 
 class TaskCancelled(Exception):
@@ -145,7 +145,7 @@ class Worker:
 
         models: dict[str, str] = {}
         try:
-            config = load_config(self.settings.config or None)
+            config = load_config(self.settings.config or None, self.settings.model_path or None)
             self.state["device"] = str(resolve_device(config["device"]))
             for task in ("t2v", "i2v"):
                 try:
@@ -238,7 +238,7 @@ class Worker:
         write_manifest(manifest, tasks)
         log.info("run %s: %d task(s)", run_id, len(tasks))
         try:  # the same validation and planning RunManifest does, so the stored plans match its artifacts
-            plans = {p.job.job_id: p for p in load_batch(manifest, s.config).plans}
+            plans = {p.job.job_id: p for p in load_batch(manifest, s.config, model_path=s.model_path or None).plans}
         except WanBatchError as e:
             self.queue.finish(run_id, {t.id: ("failed", None, str(e), "ValueError") for t in tasks})
             return
