@@ -5,7 +5,12 @@ command works as written: the local scheduler unless a scheduler host is configu
 non-zero when a row or task failed (Luigi's defaults are 0)."""
 __version__ = "0.1.0"
 
-from .luigi_setup import configure_luigi
+# Before anything imports torch: OpenMP reads its wait policy once, when torch loads it (pipeline/threads.py).
+from . import threads as _threads  # noqa: E402
+
+_threads.configure_environment()
+
+from .luigi_setup import configure_luigi  # noqa: E402
 
 configure_luigi()
 
@@ -14,5 +19,7 @@ configure_luigi()
 from tasks.run_manifest import RunManifest  # noqa: E402
 from tasks.run_stage import RunStage  # noqa: E402
 from tasks.stages import DecodeVideo, Denoise, EncodeImage, EncodeText  # noqa: E402
+
+_threads.configure_threads()
 
 __all__ = ["RunManifest", "RunStage", "EncodeText", "EncodeImage", "Denoise", "DecodeVideo", "__version__"]

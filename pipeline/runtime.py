@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from . import threads
+
 log = logging.getLogger(__name__)
 
 
@@ -90,6 +92,8 @@ class ModelCache:
             model = load()
             device_type = _device_type(key)
             size = module_bytes(model, device_type)
+            if device_type in (None, "cpu"):
+                threads.fit_to_model(size)  # the CPU thread count follows the size of the work
             self._tags[key] = exclusive
             self._models[key] = (model, size)
             self.loads[key] += 1
