@@ -5,6 +5,8 @@ command works as written: the local scheduler unless a scheduler host is configu
 non-zero when a row or task failed (Luigi's defaults are 0)."""
 __version__ = "0.1.0"
 
+import logging  # noqa: E402
+
 # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it (pipeline/threads.py).
 from . import threads as _threads  # noqa: E402
 
@@ -21,5 +23,37 @@ from tasks.run_stage import RunStage  # noqa: E402
 from tasks.stages import DecodeVideo, Denoise, EncodeImage, EncodeText  # noqa: E402
 
 _threads.configure_threads()
+
+
+def _quiet_third_party_progress() -> None:
+    """Our progress lines report each stage; transformers' and diffusers' per-load bars ("Loading weights")
+    would interleave with them. (`wan-batch download` turns huggingface_hub's download bars back on.)"""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
+_quiet_third_party_progress()
+
+
+class _OncePerProcess(logging.Filter):
+    """Lets a manifest warning through once per process: `wan-batch run` validates up front and Luigi calls
+    RunManifest.requires() several times, each reading the manifest, but a row problem is one event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+logging.getLogger("pipeline.manifest").addFilter(_OncePerProcess())
 
 __all__ = ["RunManifest", "RunStage", "EncodeText", "EncodeImage", "Denoise", "DecodeVideo", "__version__"]

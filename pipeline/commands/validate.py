@@ -10,12 +10,20 @@ def register(sub) -> None:
     p.set_defaults(func=main)
 
 
+def _not_a_row_problem(record) -> bool:
+    """read_manifest logs each row problem for `run` and Luigi; validate prints them itself, once each."""
+    return not str(record.msg).endswith("(this row is skipped and reported failed)")
+
+
 def main(args) -> int:
+    import logging
+
     from ..config import load_config
     from ..errors import WanBatchError
     from ..manifest import read_manifest
     from ..stages.image import check_image
 
+    logging.getLogger("pipeline.manifest").addFilter(_not_a_row_problem)
     try:
         jobs = read_manifest(args.manifest, load_config(args.config or None), strict=args.strict,
                              check_image=check_image)
