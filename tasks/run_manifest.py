@@ -94,7 +94,7 @@ class RunManifest(luigi.Task):
                 if side.get("run_id") != self.run_id:
                     row["cached_stages"].append(name)
         if row["error"] is None and store.is_complete(plan.decode.ref):
-            video = out / f"{job.job_id}.mp4"
+            video = out.absolute() / f"{job.job_id}.mp4"  # usable from any folder, not only the run's
             try:
                 publish(store.payload_path(plan.decode.ref), video)
                 row.update(status="ok", video=str(video))
