@@ -38,15 +38,19 @@ def _quiet_third_party_progress() -> None:
 _quiet_third_party_progress()
 
 
-class _OncePerProcess(logging.Filter):
-    """Lets a manifest warning through once per process: `wan-batch run` validates up front and Luigi calls
-    RunManifest.requires() several times, each reading the manifest, but a row problem is one event."""
+class ManifestWarningsOnce(logging.Filter):
+    """For a handler that prints to the user: a manifest warning once per process. `wan-batch run`
+    validates up front and Luigi calls RunManifest.requires() several times, each reading the manifest, but
+    a row problem is one event. On handlers only (not the logger): other handlers, such as a test's log
+    capture, still get every record."""
 
     def __init__(self) -> None:
         super().__init__()
         self._seen: set[tuple[int, str]] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "pipeline.manifest":
+            return True
         key = (record.levelno, record.getMessage())
         if key in self._seen:
             return False
@@ -54,6 +58,8 @@ class _OncePerProcess(logging.Filter):
         return True
 
 
-logging.getLogger("pipeline.manifest").addFilter(_OncePerProcess())
+# `luigi --module pipeline ...` configures no handler for our loggers: warnings reach Python's last resort.
+if logging.lastResort is not None:
+    logging.lastResort.addFilter(ManifestWarningsOnce())
 
 __all__ = ["RunManifest", "RunStage", "EncodeText", "EncodeImage", "Denoise", "DecodeVideo", "__version__"]

@@ -22,13 +22,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbose: bool) -> None:
-    """Our records through one root handler; Luigi's through the handler Luigi installs for its own
+    """Our records through one root handler (a manifest warning once); Luigi's through the handler Luigi installs for its own
     `luigi-interface` logger (the lines `luigi --module pipeline ...` prints), and not also through ours:
     each event is one line. Luigi told not to configure logging keeps its records flowing to ours."""
     import luigi.configuration
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from . import ManifestWarningsOnce
+
+    once = ManifestWarningsOnce()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(once)
     own = not luigi.configuration.get_config().getboolean("core", "no_configure_logging", False)
     logging.getLogger("luigi-interface").propagate = not own
 

@@ -59,3 +59,16 @@ def test_help_describes_the_product_not_the_code():
     assert proc.returncode == 0
     assert "Parquet manifest" in proc.stdout and "wan-batch demo" in proc.stdout
     assert "pipeline/commands" not in proc.stdout and "Each subcommand lives" not in proc.stdout
+
+
+def test_luigi_command_prints_a_row_problem_once(tmp_path, tiny_root):
+    """README's `luigi --module pipeline RunManifest ...`: Luigi reads the manifest several times."""
+    manifest = bad_row_manifest(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "luigi", "--module", "pipeline", "RunManifest", "--manifest",
+                           str(manifest), "--output-dir", "o", "--store", "s"], capture_output=True, text=True,
+                          cwd=tmp_path, env=ENV, timeout=600)
+    assert proc.returncode == 30, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert out.count("missing.png (this row is skipped and reported failed)") == 1, out[-3000:]
+    assert out.count("manifest columns ['extra'] are not used") == 1
+    assert "Loading weights" not in out
