@@ -23,13 +23,16 @@ def main(args) -> int:
     from ..manifest import read_manifest
     from ..stages.image import check_image
 
-    logging.getLogger("pipeline.manifest").addFilter(_not_a_row_problem)
+    rows_log = logging.getLogger("pipeline.manifest")
+    rows_log.addFilter(_not_a_row_problem)
     try:
         jobs = read_manifest(args.manifest, load_config(args.config or None), strict=args.strict,
                              check_image=check_image)
     except WanBatchError as e:
         print(f"error: {e}")
         return 2
+    finally:
+        rows_log.removeFilter(_not_a_row_problem)
     bad = [j for j in jobs if j.error]
     for j in bad:
         print(f"row problem: {j.error}")
