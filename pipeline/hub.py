@@ -10,6 +10,7 @@ publishers add date suffixes.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,8 +113,92 @@ def offline_message(repo: str, target: Path, error: Exception) -> str:
             f"command resumes where it stopped. To use a model fetched elsewhere, copy it to {target}.")
 
 
-def download(fetches: list[Fetch], root: Path, revision: str | None = None) -> list[Path]:
-    """Run the fetches into `<root>/<owner>/<repo>`; raise WanBatchError with a clear message offline."""
+RECORD = ".wan-batch-snapshot.json"
+
+
+def remote_files(fetch: Fetch, revision: str | None) -> tuple[str, dict[str, int]]:
+    """(commit, {file: size}) of the repo files this fetch selects, from the Hub's index of the repo."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    info = HfApi().model_info(fetch.repo, revision=revision, files_metadata=True)
+    sizes = {s.rfilename: s.size for s in info.siblings or [] if s.size is not None}
+    chosen = filter_repo_objects(list(sizes), allow_patterns=fetch.allow, ignore_patterns=fetch.ignore or None)
+    return info.sha or "", {name: sizes[name] for name in sorted(chosen)}
+
+
+def write_record(target: Path, repo: str, commit: str, files: dict[str, int]) -> None:
+    """What a complete snapshot holds, so a later run (offline too) can tell it from an interrupted one."""
+    from .store import atomic_write_text
+
+    atomic_write_text(target / RECORD, json.dumps({"repo": repo, "commit": commit, "files": files}, indent=1))
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A .safetensors file holds an 8-byte header length, a JSON header and the tensor data it declares."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError):
+        return f"{path.name}: not a complete safetensors file (unreadable header)"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    size = path.stat().st_size
+    if size != 8 + n + end:
+        return f"{path.name}: {size} bytes, its header declares {8 + n + end}"
+    return None
+
+
+def snapshot_problems(target: Path) -> list[str]:
+    """Why `target` is not a complete snapshot ([] when it is). With the record of a finished download: each
+    file it names, at its size. Without one (a folder copied from elsewhere): each shard a `*.index.json`
+    names is there, each JSON file parses, each safetensors file is as long as its header says."""
+    record_path = target / RECORD
+    if not target.is_dir() or not any(p.name != RECORD for p in target.iterdir()):
+        return [f"{target} is empty or missing"]
+    problems: list[str] = []
+    if record_path.is_file():
+        try:
+            files = json.loads(record_path.read_text())["files"]
+        except (OSError, ValueError, KeyError):
+            return [f"{record_path.name} is unreadable: download again to rewrite it"]
+        for name, size in files.items():
+            path = target / name
+            if not path.is_file():
+                problems.append(f"{name}: missing")
+            elif path.stat().st_size != size:
+                problems.append(f"{name}: {path.stat().st_size} bytes, the repo's index says {size}")
+        return problems
+    for index in sorted(target.rglob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            continue  # reported below as a JSON file that does not parse
+        problems += [f"{(index.parent / s).relative_to(target)}: missing (named by {index.name})"
+                     for s in sorted(shards) if not (index.parent / s).is_file()]
+    for path in sorted(target.rglob("*.json")):
+        if ".cache" in path.relative_to(target).parts:
+            continue
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError):
+            problems.append(f"{path.relative_to(target)}: not complete JSON ({path.stat().st_size} bytes)")
+    for path in sorted(target.rglob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            problems.append(str(path.relative_to(target).parent / problem) if path.parent != target else problem)
+    return problems
+
+
+def _listing(problems: list[str], limit: int = 10) -> str:
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "".join(f"\n  - {p}" for p in problems[:limit]) + more
+
+
+def download(fetches: list[Fetch], root: Path, revision: str | None = None) -> list[tuple[Path, str]]:
+    """Run the fetches into `<root>/<owner>/<repo>`; returns (target, how it was checked). Raises
+    WanBatchError with a clear message when the Hub is unreachable and the folder is not complete, or when
+    a download ends incomplete."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
@@ -123,14 +208,29 @@ def download(fetches: list[Fetch], root: Path, revision: str | None = None) -> l
     for f in fetches:
         target = Path(root) / f.repo
         target.mkdir(parents=True, exist_ok=True)
+        rev = revision if f is fetches[0] else None
         try:
+            # the index first: offline, snapshot_download returns an existing folder as it is
+            commit, files = remote_files(f, rev)
             snapshot_download(repo_id=f.repo, local_dir=str(target), allow_patterns=f.allow,
-                              ignore_patterns=f.ignore or None, revision=revision if f is fetches[0] else None)
+                              ignore_patterns=f.ignore or None, revision=commit or rev)
         except unreachable as e:
-            raise WanBatchError(offline_message(f.repo, target, e)) from None
+            problems = snapshot_problems(target)
+            if (target / RECORD).is_file() and not problems:
+                out.append((target, "complete (checked offline against the record of its download)"))
+                continue
+            why = (_listing(problems) if problems else
+                   "\n  - no record of a finished download here (only `wan-batch download` online writes one)")
+            raise WanBatchError(offline_message(f.repo, target, e) + f"\n{target} is not known complete:" + why) \
+                from None
         except HfHubHTTPError as e:
             raise WanBatchError(f"cannot download {f.repo}: {e}") from None
-        out.append(target)
+        write_record(target, f.repo, commit, files)
+        problems = snapshot_problems(target)
+        if problems:
+            raise WanBatchError(f"{f.repo} is incomplete in {target} after the download; run the same command "
+                                f"again to resume:" + _listing(problems))
+        out.append((target, f"complete ({len(files)} files, sizes as the repo's index says)"))
     return out
 
 

@@ -60,7 +60,13 @@ def derive_job_id(values: dict[str, Any]) -> str:
 
 
 def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+    """Any Arrow type whose values are text: string, large_string, string_view, and dictionary-encoded text
+    (pandas `category`, polars `Categorical`, pyarrow `dictionary_encode()`: one prompt over many seeds).
+    Their Python values are plain str, so the rows read the same."""
+    if pa.types.is_dictionary(t):
+        return _is_string(t.value_type) and not pa.types.is_null(t.value_type)
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+            or getattr(pa.types, "is_string_view", lambda _: False)(t))
 
 
 def _is_number(t: pa.DataType) -> bool:

@@ -13,6 +13,7 @@ import io
 import math
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -36,13 +37,27 @@ def load_results(output_dir: Path) -> list[dict[str, Any]]:
 
 
 def _video_path(row: dict[str, Any], output_dir: Path) -> Path | None:
+    """The row's video as an absolute path: the output folder's own file first (the batch writes it there;
+    a copied or moved folder then shows its own videos), else the absolute path results.parquet holds.
+    Older results hold a path relative to the folder the batch ran in: only the output folder's file fits."""
     if not row.get("video"):
         return None
     p = Path(row["video"])
-    for candidate in (p, output_dir / p.name):  # results may hold a path relative to where the batch ran
+    candidates = (output_dir / p.name, p) if p.is_absolute() else (output_dir / p.name,)
+    for candidate in candidates:
         if candidate.is_file():
-            return candidate
+            return candidate.absolute()
     return None
+
+
+def video_href(video: Path, output_dir: Path) -> str:
+    """The link from report.html (written in `output_dir`) to a video: relative inside the output folder, so
+    the folder can be moved, copied or served as it is; a file: URL for a video kept elsewhere."""
+    try:
+        rel = video.relative_to(output_dir)
+    except ValueError:
+        return video.as_uri()
+    return quote(rel.as_posix())
 
 
 def middle_frame(video: Path) -> np.ndarray:
@@ -217,7 +232,7 @@ def render_html(rows: list[dict[str, Any]], output_dir: Path, title: str,
         cached = set(row.get("cached_stages") or [])
         video = _video_path(row, output_dir)
         job = e(str(row.get("job_id")))
-        job_cell = f'<a href="{e(video.name)}">{job}</a>' if video and video.parent == output_dir else job
+        job_cell = f'<a href="{e(video_href(video, output_dir))}">{job}</a>' if video else job
         status = row.get("status")
         status_cell = f'<span class="{"ok" if status == "ok" else "failed"}">{e(str(status))}</span>'
         if row.get("error"):

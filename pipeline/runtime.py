@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import threads
 from .fast import perf
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class ModelCache:
             model = load()
             device_type = _device_type(key)
             size = module_bytes(model, device_type)
+            if device_type in (None, "cpu"):
+                threads.fit_to_model(size)  # the CPU thread count follows the size of the work
             self._tags[key] = exclusive
             self._models[key] = (model, size)
             self.loads[key] += 1

@@ -106,7 +106,7 @@ class RunManifest(luigi.Task):
             if failure and failure.get("run_id") == self.run_id:
                 row["error"] = f"stage decode: {failure['error']}"
         if row["error"] is None and store.is_complete(plan.decode.ref):
-            video = out / f"{job.job_id}.mp4"
+            video = out.absolute() / f"{job.job_id}.mp4"  # usable from any folder, not only the run's
             try:
                 publish(store.payload_path(plan.decode.ref), video)
                 row.update(status="ok", video=str(video))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 # Build the tiny model in a folder of this test session unless the caller chose one (CI sets it).
 os.environ.setdefault("WAN_BATCH_HOME", tempfile.mkdtemp(prefix="wan-batch-test-home-"))
+# Test modules may import torch before the pipeline does: OpenMP must not spin there either (pipeline/threads.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402

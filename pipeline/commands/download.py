@@ -32,9 +32,12 @@ def main(args) -> int:
         print(f"{'would fetch' if args.dry_run else 'fetching'} {root / f.repo}: {f.describe()}")
     if args.dry_run:
         return 0
+    from huggingface_hub.utils import enable_progress_bars
+
+    enable_progress_bars()  # the download's own bars (the pipeline turns library bars off when imported)
     try:
-        for target in download(fetches, root, args.revision):
-            print(f"done: {target}")
+        for target, how in download(fetches, root, args.revision):
+            print(f"done: {target}: {how}")
     except WanBatchError as e:
         print(f"error: {e}")
         return 3

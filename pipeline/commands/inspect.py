@@ -37,6 +37,10 @@ def main(args) -> int:
             job = plan.job
             header = f"job {job.job_id}  (row {job.row}, {job.task}, seed {job.seed})  store {store.root}"
             extra = {"job_id": job.job_id, "row": job.row, "prompt": job.prompt}
+        elif not all(c in "0123456789abcdefABCDEF" for c in args.target):
+            print(f"error: {args.target!r} is not a cache key, so it is a job id: --manifest is missing "
+                  f"(the manifest the job is in, e.g. wan-batch inspect {args.target} --manifest jobs.parquet)")
+            return 2
         else:
             chain = chain_from_key(store, args.target)
             header = f"artifact {chain[-1][1].stage}/{chain[-1][1].key}  store {store.root}"
