@@ -165,9 +165,9 @@ def install_random_loader(size: str, quantize: str | None, seed: int = 0):
     config) instead of reading weight files; `quantize='fp8'` turns the DiT's block linears into LightX2V's
     scaled-fp8 layout, standing in for a `dit_quant_scheme: fp8-sgl` checkpoint. Returns a function that
     undoes the patch."""
-    import pipeline.execute as execute
+    import pipeline.models.loader as loader  # runtime.get_model reads loader.load_component at each load
 
-    original = execute.load_component
+    original = loader.load_component
 
     def load(ref, component, device, dtype):
         folder = Path(ref.path)
@@ -188,9 +188,9 @@ def install_random_loader(size: str, quantize: str | None, seed: int = 0):
             quantize_blocks(model, FP8 if quantize == "fp8" else torch.int8)
         return model
 
-    execute.load_component = load
+    loader.load_component = load
 
     def undo():
-        execute.load_component = original
+        loader.load_component = original
 
     return undo
