@@ -67,10 +67,24 @@ LIGHTX2V_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "seq_parallel": ((bool,), "true or false"),
     "cfg_parallel": ((bool,), "true or false"),
     "torch_compile": ((bool,), "true or false"),
+    # step caching (implemented in pipeline/fast/step_cache.py; checked in caching_problems)
+    "feature_caching": ((str,), "NoCaching, Tea or Mag"),
+    "teacache_thresh": (_NUM, "a non-negative number"),
+    "coefficients": ((list,), "two lists of polynomial coefficients [[use_ret_steps], [without]]"),
+    "use_ret_steps": ((bool,), "true or false"),
+    "magcache_thresh": (_NUM, "a non-negative number"),
+    "magcache_K": ((int,), "a non-negative integer"),
+    "magcache_retention_ratio": (_NUM, "a number in [0, 1]"),
+    "magcache_ratios": ((list,), "two lists of per-step ratios [[conditional], [unconditional]]"),
+    "magcache_calibration": ((bool,), "true or false"),
 }
+CACHING_OFF = "NoCaching"
+CACHING_KEYS = {"Tea": ("teacache_thresh", "coefficients", "use_ret_steps"),
+                "Mag": ("magcache_thresh", "magcache_K", "magcache_retention_ratio", "magcache_ratios",
+                        "magcache_calibration")}
 # LightX2V keys that only pick kernels or features we do not implement: accepted, no effect on output.
 LIGHTX2V_IGNORED = {
-    "mm_config", "feature_caching", "teacache_thresh", "use_ret_steps", "rotary_chunk", "clean_cuda_cache",
+    "mm_config", "rotary_chunk", "clean_cuda_cache",
     "compile_shapes", "unload_modules", "use_31_block", "vae_stride", "patch_size",
     "num_channels_latents", "attention_type", "quant_op", "changing_resolution", "t5_offload_granularity",
     "enable_cfg_truncation", "audio_sr", "do_mm_calib", "num_fragments", "infer_dtype",
@@ -251,6 +265,8 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
             values["enable_cfg"] = False
     problems += check_values(values)
     problems += parallel_problems(values.get("parallel"), bool(values.get("enable_cfg")))
+    if not problems:
+        problems += caching_problems(values)
     if values.get("task") not in ("t2v", "i2v"):
         problems.append(f"config key 'task': must be t2v or i2v (got {values.get('task')!r})")
     if values.get("model_format") not in ("auto", "diffusers", "wan"):
@@ -258,6 +274,42 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
     if problems:
         raise ConfigError(source, problems)
     return GenerationConfig(values=values, source=source, base_dir=base_dir or Path.cwd())
+
+
+def _lists(v: Any, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(
+        isinstance(x, list) and x and all(_is_type(y, _NUM) and math.isfinite(y) for y in x) for x in v)
+
+
+def caching_problems(values: dict[str, Any]) -> list[str]:
+    """LightX2V's `feature_caching` ("NoCaching" is off): the methods we run and the keys each one reads."""
+    mode = values.get("feature_caching") or CACHING_OFF
+    if mode == CACHING_OFF:
+        return []
+    if mode not in CACHING_KEYS:
+        return [f"config key 'feature_caching': must be NoCaching, Tea or Mag (got {mode!r}); LightX2V's other "
+                f"methods (TaylorSeer, Ada, Custom, FirstBlock, DualBlock, DynamicBlock) are not implemented"]
+    missing = [f"config key '{k}': required with feature_caching {mode!r} (LightX2V reads it unconditionally)"
+               for k in CACHING_KEYS[mode] if values.get(k) is None]
+    if missing:
+        return missing
+    problems = []
+    if values.get("parallel") or values.get("seq_parallel") or values.get("cfg_parallel"):
+        problems.append("config key 'feature_caching': not available with parallel/seq_parallel/cfg_parallel "
+                        "(the cached residuals would have to follow the ranks' sequence shards and CFG branches)")
+    if mode == "Tea" and not _lists(values["coefficients"], 2):
+        problems.append("config key 'coefficients': must be two non-empty lists of numbers ([use_ret_steps], "
+                        "[without]) as in LightX2V's TeaCache configs")
+    if mode == "Mag" and not _lists(values["magcache_ratios"], 2):
+        problems.append("config key 'magcache_ratios': must be two lists of numbers ([conditional], "
+                        "[unconditional]) as in LightX2V's MagCache configs")
+    for key in ("teacache_thresh", "magcache_thresh", "magcache_K"):
+        if key in CACHING_KEYS[mode] and values[key] < 0:
+            problems.append(f"config key '{key}': must be >= 0 (got {values[key]!r})")
+    if mode == "Mag" and not 0 <= values["magcache_retention_ratio"] <= 1:
+        problems.append(f"config key 'magcache_retention_ratio': must be between 0 and 1 "
+                        f"(got {values['magcache_retention_ratio']!r})")
+    return problems
 
 
 def guide_scales(values: dict[str, Any]) -> tuple[float, float]:

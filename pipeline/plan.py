@@ -19,6 +19,7 @@ from .errors import WanBatchError
 from .manifest import Job
 from .models.loader import fingerprint, resolve_model, scheduler_config
 from .fast.perf import perf_runtime
+from .fast.step_cache import cache_params
 from .runtime import resolve_device, resolve_dtype
 from .spec import StageSpec
 from .stages.registry import role_name
@@ -126,11 +127,17 @@ class Planner:
         experts = ref.experts
         ranges = {"high": [0, split], "low": [split, len(timesteps)], "single": [0, len(timesteps)]}
         scales = {"high": g_high, "low": g_low, "single": g_high}
+        try:
+            caching = cache_params(v, len(timesteps))
+        except ValueError as e:
+            raise WanBatchError(str(e)) from e
         prev: StageSpec | None = None
         for expert in experts:
             params = {"seed": job.seed, "latent_shape": shape, "schedule": schedule, "steps": ranges[expert],
                       "cfg": cfg, "guide_scale": scales[expert] if cfg else None,
                       "dit": fingerprint(ref, expert), "dtype": self.runtime["dtype"]}
+            if caching:  # only when on, so uncached artifacts keep the keys they always had
+                params["feature_caching"] = caching
             upstream = {**texts, **image, **({"prev": prev} if prev else {})}
             prev = StageSpec(f"denoise-{expert}", params, upstream, model=self._component(ref, expert),
                              runtime=self.runtime)
