@@ -77,7 +77,11 @@ LIGHTX2V_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "magcache_retention_ratio": (_NUM, "a number in [0, 1]"),
     "magcache_ratios": ((list,), "two lists of per-step ratios [[conditional], [unconditional]]"),
     "magcache_calibration": ((bool,), "true or false"),
+    "vae_dtype": ((str,), "bf16 or fp32 (also torch.bfloat16, torch.float32)"),
 }
+# LightX2V's vae_dtype spellings (lightx2v/utils/envs.py DTYPE_MAP) of the two decode precisions we run
+VAE_DTYPES = {"bf16": "bfloat16", "BF16": "bfloat16", "torch.bfloat16": "bfloat16",
+              "fp32": "float32", "FP32": "float32", "torch.float32": "float32"}
 CACHING_OFF = "NoCaching"
 CACHING_KEYS = {"Tea": ("teacache_thresh", "coefficients", "use_ret_steps"),
                 "Mag": ("magcache_thresh", "magcache_K", "magcache_retention_ratio", "magcache_ratios",
@@ -267,6 +271,9 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
     problems += parallel_problems(values.get("parallel"), bool(values.get("enable_cfg")))
     if not problems:
         problems += caching_problems(values)
+    if values.get("vae_dtype") is not None and values["vae_dtype"] not in VAE_DTYPES:
+        problems.append(f"config key 'vae_dtype': must be bf16 or fp32 (got {values['vae_dtype']!r}); "
+                        f"fp16 decode is not offered (not measured against fp32)")
     if values.get("task") not in ("t2v", "i2v"):
         problems.append(f"config key 'task': must be t2v or i2v (got {values.get('task')!r})")
     if values.get("model_format") not in ("auto", "diffusers", "wan"):

@@ -14,7 +14,7 @@ from typing import Any
 
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-from .config import GenerationConfig, guide_scales
+from .config import VAE_DTYPES, GenerationConfig, guide_scales
 from .errors import WanBatchError
 from .manifest import Job
 from .models.loader import fingerprint, resolve_model, scheduler_config
@@ -142,6 +142,8 @@ class Planner:
             prev = StageSpec(f"denoise-{expert}", params, upstream, model=self._component(ref, expert),
                              runtime=self.runtime)
         decode_params = {"fps": v["fps"], "crf": v["video_crf"], "vae": fingerprint(ref, "vae")}
+        if VAE_DTYPES.get(v.get("vae_dtype") or "fp32") == "bfloat16":  # only then: fp32 keys stay as they were
+            decode_params["vae_dtype"] = "bfloat16"
         return StageSpec("decode", decode_params, {"latents": prev}, model=self._component(ref, "vae"),
                          runtime=self.runtime)
 
