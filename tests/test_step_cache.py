@@ -200,3 +200,28 @@ def test_kill_mid_cached_stage_resumes_to_the_uninterrupted_bytes(tmp_path, tiny
         assert got[job_id][0] == want[job_id][0], job_id
         for stage, meta in want[job_id][1].items():
             assert got[job_id][1][stage]["feature_caching"] == meta["feature_caching"], (job_id, stage)
+
+
+def test_batched_cfg_follows_the_same_decisions_per_branch(tmp_path, tiny_root):
+    """Batched CFG (the default on CUDA) runs both branches in one forward: with different ratio tables the
+    branches disagree on some steps, and each branch still gets exactly the two-forward run's decisions and
+    (up to the floating-point reordering of a batch of 2) its output."""
+    from safetensors.torch import load_file
+    import torch
+
+    keys = mag(0.05)  # conditional (0.99): skips 2 steps of 3; unconditional (0.97): 1 of 2
+    keys["magcache_ratios"][1] = [1.0] + [0.97] * (STEPS - 1)
+    two = run(tmp_path, "two", rows=ROWS[:1], batched_cfg=False, **keys)
+    one = run(tmp_path, "one", rows=ROWS[:1], batched_cfg=True, **keys)
+    reports = {}
+    for name, got in (("two", two), ("one", one)):
+        reports[name] = {stage: meta["feature_caching"] for stage, meta in got["a"][1].items()}
+    low = reports["one"]["denoise-low"]
+    assert low["skipped_steps"]["cond"] != low["skipped_steps"]["uncond"], "the branches must disagree somewhere"
+    for stage in reports["two"]:
+        assert reports["one"][stage]["skipped_steps"] == reports["two"][stage]["skipped_steps"], stage
+    # a step where only one branch skips still runs the batch once
+    assert low["block_stack_runs"] < reports["two"]["denoise-low"]["block_stack_runs"]
+    latents = [load_file(next((tmp_path / name / "store" / "denoise-low").glob("*/*.safetensors")))["latents"]
+               for name in ("two", "one")]
+    assert torch.allclose(latents[0], latents[1], atol=1e-4, rtol=1e-4), (latents[0] - latents[1]).abs().max()
