@@ -36,6 +36,13 @@ MAX_FRAMES = 4 * 1023 + 1
 MAX_SIDE = 1024 * 16
 MAX_TEXT_LEN = 4096
 MAX_STEPS = 10000
+# LightX2V's vae_dtype spellings (lightx2v/utils/envs.py DTYPE_MAP) of the two decode precisions we run
+VAE_DTYPES = {"bf16": "bfloat16", "BF16": "bfloat16", "torch.bfloat16": "bfloat16",
+              "fp32": "float32", "FP32": "float32", "torch.float32": "float32"}
+CACHING_OFF = "NoCaching"
+CACHING_KEYS = {"Tea": ("teacache_thresh", "coefficients", "use_ret_steps"),
+                "Mag": ("magcache_thresh", "magcache_K", "magcache_retention_ratio", "magcache_ratios",
+                        "magcache_calibration")}
 
 DEFAULTS: dict[str, Any] = {
     "i2v_model_path": None,
@@ -297,6 +304,11 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
                     "split, so the Denoise runs on seq_p_size GPUs (as LightX2V's ranks compute it)", source)
         values["parallel"] = {**par, "cfg_p_size": 1}
     problems += parallel_problems(values.get("parallel"), bool(values.get("enable_cfg")))
+    if not problems:
+        problems += caching_problems(values)
+    if values.get("vae_dtype") is not None and values["vae_dtype"] not in VAE_DTYPES:
+        problems.append(f"config key 'vae_dtype': must be bf16 or fp32 (got {values['vae_dtype']!r}); "
+                        f"fp16 decode is not offered (not measured against fp32)")
     if values.get("task") not in ("t2v", "i2v"):
         problems.append(f"config key 'task': must be t2v or i2v (got {values.get('task')!r})")
     if values.get("model_format") not in ("auto", "diffusers", "wan"):
@@ -316,6 +328,44 @@ def component_device(component: str, runtime: dict[str, Any], device: Any) -> An
 
     key = {"text": "t5_cpu_offload", "vae": "vae_cpu_offload", "clip": "clip_cpu_offload"}.get(component)
     return torch.device("cpu") if key and runtime.get(key) else device
+
+
+def _lists(v: Any, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(
+        isinstance(x, list) and x and all(_is_type(y, _NUM) and math.isfinite(y) for y in x) for x in v)
+
+
+def caching_problems(values: dict[str, Any]) -> list[str]:
+    """LightX2V's `feature_caching` ("NoCaching" is off): the methods we run and the keys each one reads."""
+    mode = values.get("feature_caching") or CACHING_OFF
+    stray = [f"config key '{k}': only read with feature_caching {m!r} (it is {mode!r} here)"
+             for m, keys in CACHING_KEYS.items() if m != mode for k in keys if values.get(k) is not None]
+    if mode == CACHING_OFF:
+        return stray
+    if mode not in CACHING_KEYS:
+        return [f"config key 'feature_caching': must be NoCaching, Tea or Mag (got {mode!r}); LightX2V's other "
+                f"methods (TaylorSeer, Ada, Custom, FirstBlock, DualBlock, DynamicBlock) are not implemented"]
+    missing = [f"config key '{k}': required with feature_caching {mode!r} (LightX2V reads it unconditionally)"
+               for k in CACHING_KEYS[mode] if values.get(k) is None]
+    if missing or stray:
+        return missing + stray
+    problems = []
+    if values.get("parallel") or values.get("seq_parallel") or values.get("cfg_parallel"):
+        problems.append("config key 'feature_caching': not available with parallel/seq_parallel/cfg_parallel "
+                        "(the cached residuals would have to follow the ranks' sequence shards and CFG branches)")
+    if mode == "Tea" and not _lists(values["coefficients"], 2):
+        problems.append("config key 'coefficients': must be two non-empty lists of numbers ([use_ret_steps], "
+                        "[without]) as in LightX2V's TeaCache configs")
+    if mode == "Mag" and not _lists(values["magcache_ratios"], 2):
+        problems.append("config key 'magcache_ratios': must be two lists of numbers ([conditional], "
+                        "[unconditional]) as in LightX2V's MagCache configs")
+    for key in ("teacache_thresh", "magcache_thresh", "magcache_K"):
+        if key in CACHING_KEYS[mode] and values[key] < 0:
+            problems.append(f"config key '{key}': must be >= 0 (got {values[key]!r})")
+    if mode == "Mag" and not 0 <= values["magcache_retention_ratio"] <= 1:
+        problems.append(f"config key 'magcache_retention_ratio': must be between 0 and 1 "
+                        f"(got {values['magcache_retention_ratio']!r})")
+    return problems
 
 
 def guide_scales(values: dict[str, Any]) -> tuple[float, float]:

@@ -75,13 +75,6 @@ def _attention(value: Any) -> str | None:
     return None
 
 
-def _no_cache(value: Any) -> str | None:
-    if value in (None, "NoCaching"):
-        return None
-    return (f"feature caching {value!r} (reusing block outputs across steps) is not implemented; "
-            f"use \"NoCaching\" or remove the key")
-
-
 def _scheme(value: Any) -> str | None:
     if isinstance(value, str) and not value.startswith(("fp8", "int8", "gguf")):
         return (f"dit_quant_scheme {value!r}: only fp8-*, int8-* and gguf-* weights are implemented "
@@ -108,7 +101,7 @@ def _equals(expected: Any, reason: str) -> Callable[[Any], str | None]:
 _TI2V = "(48 latent channels, 16x VAE stride) is LightX2V's Wan2.2 TI2V-5B (model_cls wan2.2), which wan-batch does not run"
 _COMPONENT_PATH = ("a separate checkpoint for this component is not implemented: put it in the model folder "
                    "(--model-path) under its standard name")
-_CACHE_PARAM = "a parameter of feature_caching, which is not implemented"
+_CACHE_PARAM = "a parameter of a feature_caching method not implemented here (only Tea and Mag are)"
 _ARCH = ("architecture keys come from the model folder's config.json here (LightX2V's model classes that set "
          "them in the run config are not run)")
 
@@ -131,7 +124,8 @@ KEYS: dict[str, Key] = {
     "model_cls": _impl((str,), "LightX2V's --model_cls: wan2.1, wan2.1_distill, wan2.2_moe or "
                                "wan2.2_moe_distill run; any other class is refused naming it"),
     "task": _impl((str,), "t2v or i2v (rows with an image run i2v)"),
-    "feature_caching": _impl((str,), "only \"NoCaching\" (LightX2V's default)", _no_cache),
+    "feature_caching": _impl((str,), "step caching: NoCaching (off, LightX2V's default), Tea (TeaCache) or Mag "
+                                     "(MagCache), with LightX2V's keys (pipeline/fast/step_cache.py)"),
     "use_image_encoder": _impl((bool,), "Wan2.1 I2V's CLIP image features (Wan2.2 A14B has no image encoder); "
                                         "false with a model that takes them is refused"),
     # ---- checkpoints (implemented)
@@ -195,10 +189,15 @@ KEYS: dict[str, Key] = {
     "do_mm_calib": _kernel("calibration pass for quantized kernels: speed only"),
     "seq_p_fp8_comm": _kernel("fp8 sequence-parallel communication (inside parallel)"),
     # ---- refused: features not implemented here
-    "teacache_thresh": _refused(_CACHE_PARAM), "use_ret_steps": _refused(_CACHE_PARAM),
-    "coefficients": _refused(_CACHE_PARAM), "magcache_K": _refused(_CACHE_PARAM),
-    "magcache_calibration": _refused(_CACHE_PARAM), "magcache_ratios": _refused(_CACHE_PARAM),
-    "magcache_retention_ratio": _refused(_CACHE_PARAM), "magcache_thresh": _refused(_CACHE_PARAM),
+    "teacache_thresh": _impl(_NUM, "Tea: the accumulated rescaled change that forces a full forward (>= 0)"),
+    "use_ret_steps": _impl((bool,), "Tea: LightX2V's ret-steps mode (first 5 steps always computed; the first "
+                                    "coefficients row)"),
+    "coefficients": _impl((list,), "Tea: the two rescaling polynomials [[use_ret_steps], [without]]"),
+    "magcache_K": _impl((int,), "Mag: at most this many consecutive skipped steps"),
+    "magcache_calibration": _impl((bool,), "Mag: record the per-step magnitude ratios in the sidecar"),
+    "magcache_ratios": _impl((list,), "Mag: per-step ratios [[conditional], [unconditional]]"),
+    "magcache_retention_ratio": _impl(_NUM, "Mag: the share of first steps always computed (0..1)"),
+    "magcache_thresh": _impl(_NUM, "Mag: the accumulated error that forces a full forward (>= 0)"),
     "residual_diff_threshold": _refused(_CACHE_PARAM), "downsample_factor": _refused(_CACHE_PARAM),
     "changing_resolution": _refused("changing resolution (low-resolution first steps, then upscaled) is not "
                                     "implemented"),
@@ -237,8 +236,8 @@ KEYS: dict[str, Key] = {
     "enable_cfg_truncation": _refused("CFG truncation (CFG off for the last steps) is not implemented"),
     "seq_parallel": _refused("LightX2V derives it from `parallel`: set parallel.seq_p_size instead"),
     "cfg_parallel": _refused("LightX2V derives it from `parallel`: set parallel.cfg_p_size instead"),
-    "vae_dtype": _refused("the VAE runs in float32 here (every reference pipeline does); another dtype is not "
-                          "implemented"),
+    "vae_dtype": _impl((str,), "VAE decode precision: bf16 (autocast, weights stay fp32) or fp32; LightX2V's "
+                               "spellings (bf16, BF16, torch.bfloat16, fp32, ...); part of the decode key"),
     "infer_dtype": _refused("the run's dtype is our key `dtype`"),
     "clip_embed_dim": _refused(_ARCH),
     "dim": _refused(_ARCH), "eps": _refused(_ARCH), "ffn_dim": _refused(_ARCH), "freq_dim": _refused(_ARCH),

@@ -15,12 +15,13 @@ from typing import Any
 
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-from .config import GenerationConfig, guide_scales
+from .config import VAE_DTYPES, GenerationConfig, guide_scales
 from .errors import WanBatchError
 from .manifest import Job
 from .models.loader import fingerprint, resolve_model, row_loras, scheduler_config
 from .fast.attention import lossy_attention
 from .fast.perf import perf_runtime
+from .fast.step_cache import cache_params
 from .runtime import resolve_device, resolve_dtype
 from .spec import StageSpec
 from .stages.registry import role_name
@@ -136,6 +137,10 @@ class Planner:
         experts = ref.experts
         ranges = {"high": [0, split], "low": [split, len(timesteps)], "single": [0, len(timesteps)]}
         scales = {"high": g_high, "low": g_low, "single": g_high}
+        try:
+            caching = cache_params(v, len(timesteps))
+        except ValueError as e:
+            raise WanBatchError(str(e)) from e
         prev: StageSpec | None = None
         for expert in experts:
             params = {"seed": job.seed, "latent_shape": shape, "schedule": schedule, "steps": ranges[expert],
@@ -143,10 +148,14 @@ class Planner:
                       "dit": fingerprint(ref, expert), "dtype": self.runtime["dtype"],
                       # fp8 attention changes the result beyond rounding: its denoise artifacts are its own
                       **({"attention": lossy} if (lossy := lossy_attention(v)) else {})}
+            if caching:  # only when on, so uncached artifacts keep the keys they always had
+                params["feature_caching"] = caching
             upstream = {**texts, **image, **({"prev": prev} if prev else {})}
             prev = StageSpec(f"denoise-{expert}", params, upstream, model=self._component(ref, expert),
                              runtime=self.runtime)
         decode_params = {"fps": v["fps"], "crf": v["video_crf"], "vae": fingerprint(ref, "vae")}
+        if VAE_DTYPES.get(v.get("vae_dtype") or "fp32") == "bfloat16":  # only then: fp32 keys stay as they were
+            decode_params["vae_dtype"] = "bfloat16"
         return StageSpec("decode", decode_params, {"latents": prev}, model=self._component(ref, "vae"),
                          runtime=self.runtime)
 

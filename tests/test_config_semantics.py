@@ -104,9 +104,10 @@ def test_workers_pass_model_path_to_each_worker():
 
 # -------------------------------------------------------------------------------------- key classes
 @pytest.mark.parametrize("raw,expected", [
-    ({"feature_caching": "Tea"}, "config key 'feature_caching': not supported: feature caching 'Tea'"),
+    ({"feature_caching": "TaylorSeer"}, "config key 'feature_caching': must be NoCaching, Tea or Mag"),
+    ({"feature_caching": "Tea"}, "config key 'teacache_thresh': required with feature_caching 'Tea'"),
     ({"changing_resolution": True}, "config key 'changing_resolution': not supported"),
-    ({"teacache_thresh": 0.2}, "a parameter of feature_caching"),
+    ({"teacache_thresh": 0.2}, "config key 'teacache_thresh': only read with feature_caching 'Tea'"),
     ({"use_tae": True}, "tiny VAE"),
     ({"t5_quantized": True, "t5_quant_scheme": "fp8"}, "config key 't5_quantized': not supported: a quantized T5"),
     ({"self_attn_1_type": "radial_attn"}, "sparse attention"),

@@ -16,8 +16,16 @@ from .registry import Stage
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Frames [F, H, W, 3] float in [0, 1], as diffusers' pipelines return them (output_type='np')."""
+def decode_latents(vae, latents: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """Frames [F, H, W, 3] float in [0, 1], as diffusers' pipelines return them (output_type='np').
+
+    `bf16` (config `vae_dtype: "bf16"`): the decoder's convolutions run in bfloat16 under autocast, the
+    weights stay float32 (the resident VAE is shared with the image stage's encode) and autocast keeps the
+    norms in float32; measured on the tiny model at 54 dB PSNR against float32 (docs/performance.md)."""
+    if bf16:
+        device = next(vae.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return decode_latents(vae, latents)
     device = next(vae.parameters()).device
     latents = latents.to(device, vae.dtype)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device, latents.dtype)
@@ -78,7 +86,7 @@ def run(spec, store, run_id: str = "", on_step=None) -> dict:
     t0 = time.perf_counter()
     latents = store.load_tensors(spec.upstream["latents"].ref)["latents"]
     vae = get_model(spec, spec.params["vae"])
-    frames = decode_latents(vae, latents)
+    frames = decode_latents(vae, latents, bf16=spec.params.get("vae_dtype") == "bfloat16")
     check_finite("frames", frames, spec)
     pixels = to_uint8(frames)
     fps, crf = spec.params["fps"], spec.params["crf"]

@@ -4,12 +4,15 @@ expert's latents with its solver state; writes `latents` and the solver state th
 A parallel rank group (pipeline/parallel) runs this same `run` with its own device, predict function and hook."""
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable
 
 import torch
 
+from ..errors import WanBatchError
 from ..fast.perf import batched_cfg as use_batched_cfg
+from ..fast.step_cache import StepCache
 from ..runtime import get_model
 from .common import check_finite, sidecar
 from .image import ImageConditioned
@@ -105,9 +108,19 @@ def run(spec, store, run_id: str = "", on_step: Callable[[int], None] | None = N
     if "clip" in image:  # Wan2.1 I2V: the DiT also attends to the CLIP image features
         transformer = ImageConditioned(transformer, image["clip"])
     steps = range(*p["steps"])
-    latents = denoise_steps(transformer, sched, latents, steps, context, context_null, p["guide_scale"] or 1.0,
-                            cond=image.get("cond"), on_step=on_step,
-                            batched_cfg=use_batched_cfg(spec.runtime, device), predict=predict)
+    cache, installed = None, contextlib.nullcontext()
+    if p.get("feature_caching"):  # step caching: its state lives and dies with this stage (fast/step_cache.py)
+        if predict is not None or prepare is not None:
+            raise WanBatchError(f"{spec.stage}: feature_caching does not run on a parallel rank group "
+                                f"(sequence-parallel shards and split CFG branches would need shared residuals)")
+        cache = StepCache(p["feature_caching"], steps.start)
+        predict, installed = cache.predict(predict_noise), cache.install(transformer)
+    with installed:
+        latents = denoise_steps(transformer, sched, latents, steps, context, context_null, p["guide_scale"] or 1.0,
+                                cond=image.get("cond"), on_step=on_step,
+                                batched_cfg=use_batched_cfg(spec.runtime, device), predict=predict)
+    if cache is not None:
+        extra = {**(extra or {}), "feature_caching": cache.report()}
     if not write:
         return None
     check_finite("latents", latents, spec)
