@@ -115,15 +115,13 @@ class StageTask(luigi.Task):
 
     def _run(self) -> None:
         store, ref = self.artifact_store, self.spec.ref
+        if not store.is_complete(ref):
+            self._heal_upstream()  # before our lock: an upstream task takes its own
         with store.lock(ref):  # another process may be computing the same artifact
             if store.is_complete(ref):  # the winner of a race wrote it while we waited: reuse
                 log.info("%s %s was computed by another run meanwhile: reused", ref.stage, ref.key)
                 return
             store.remove_stale_temps(ref)  # left by a killed writer; we hold the lock, so none is live
-        self._heal_upstream()
-        with store.lock(ref):
-            if store.is_complete(ref):
-                return
             upstream_failures = [f for f in (t.output().failure() for t in self.requires()) if f]
             if upstream_failures:
                 self._fail(f"upstream {upstream_failures[0]['stage']} failed: {upstream_failures[0]['error']}")

@@ -304,7 +304,7 @@ def test_city96_q4_k_m_expert_loads_as_its_tensors_dequantized(tmp_path, wide):
 def test_diff_entries_on_quantized_layers_take_the_config_alpha_too(tmp_path, src):
     """An all-diff extractor LoRA (every tensor under the tool's 1M-value threshold, as at tiny size) on an fp8
     expert: the dense deltas of the quantized linears are scaled like the merged ones (diff * alpha * strength)."""
-    from pipeline.models.dit import _set_module
+    from pipeline.models.dit import set_module
     from pipeline.models.quant import QuantizedLinear
 
     lora = tmp_path / "x.safetensors"
@@ -320,7 +320,7 @@ def test_diff_entries_on_quantized_layers_take_the_config_alpha_too(tmp_path, sr
             for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]:
                 lin = torch.nn.Linear(mod.in_features, mod.out_features)
                 lin.weight.data, lin.bias.data = mod.dequantized(), mod.bias.data.clone()
-                _set_module(model, name, lin)
+                set_module(model, name, lin)
         apply_loras(model, [LoraSpec(str(lora), 0.5, alpha=alpha)], "high")
         g = torch.Generator().manual_seed(0)
         x, c = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 9, cfg["text_dim"], generator=g)

@@ -152,7 +152,7 @@ def dequantized_model(model: Path, experts: dict[str, Path], out: Path) -> Path:
     import json
     import shutil
 
-    from pipeline.models.dit import _set_module
+    from pipeline.models.dit import set_module
 
     shutil.copytree(model, out)
     for sub, path in experts.items():
@@ -163,7 +163,7 @@ def dequantized_model(model: Path, experts: dict[str, Path], out: Path) -> Path:
             plain.weight.data = layer.dequantized()
             if layer.bias is not None:
                 plain.bias.data = layer.bias.data.float()
-            _set_module(dit, name, plain)
+            set_module(dit, name, plain)
         shutil.rmtree(out / sub)
         dit.save_pretrained(out / sub, safe_serialization=True)
     return out
