@@ -11,24 +11,15 @@ import shutil
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO, read_results, run_batch, write_config, write_manifest
-from pipeline import faults
 from pipeline.store import FILE_MODE, ArtifactRef, ArtifactStore
+from test_disk_full import ROWS, _store_is_clean, armed  # noqa: F401  (armed is a fixture)
 
-ROWS = [{"job_id": f"r{i}", "prompt": p, "seed": i} for i, p in
-        enumerate(["a red circle", "a blue square", "a green triangle"])]
 CONFIG = dict(infer_steps=2, target_video_length=5, target_height=32, target_width=32, text_len=32,
               enable_cfg=False)
-
-
-@pytest.fixture
-def armed():
-    yield faults.configure
-    faults.configure("")
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +29,6 @@ def reference(tmp_path_factory, tiny_root):
     config = write_config(tmp / "c.json", **CONFIG)
     assert run_batch(manifest, tmp, config=config)
     return manifest, config, {r["job_id"]: (tmp / "outputs" / f"{r['job_id']}.mp4").read_bytes() for r in ROWS}
-
-
-def _store_is_clean(store: Path) -> None:
-    assert not [p for p in store.rglob("*") if ".tmp" in p.name]
-    for p in store.rglob("*"):
-        if p.suffix in (".safetensors", ".mp4"):
-            ok, reason = ArtifactStore(store).check(ArtifactRef(p.parent.parent.name, p.stem, p.suffix[1:]))
-            assert ok, f"partial artifact left: {reason}"
 
 
 # Luigi runs stage-major (text x3, denoise-high x3, denoise-low x3, decode x3): the 11th payload write is the
