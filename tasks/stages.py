@@ -38,6 +38,13 @@ class wan_batch(luigi.Config):  # noqa: N801  (the class name is the section nam
     gpu_per_task = luigi.IntParameter(default=1, description="units of it per stage task (0: none)")
 
 
+def task_priority(spec: StageSpec) -> int:
+    """Luigi priority of a spec's task: its stage's, +1 for the T2V model, so within a stage tasks of the same
+    model run back to back: a batch mixing T2V and I2V rows loads each 14B expert once instead of alternating
+    between the two models. Waves (tasks/waves.py) follow the same order."""
+    return stage_of(spec.stage).priority + (1 if spec.model.get("task") == "t2v" else 0)
+
+
 def open_store(root: str) -> ArtifactStore:
     """One ArtifactStore per root per process, so integrity checks are memoised across tasks."""
     if root not in _STORES:
@@ -85,9 +92,7 @@ class StageTask(luigi.Task):
 
     @property
     def priority(self) -> int:
-        # Within a stage, tasks of the same model run back to back (+1 for the T2V model): a batch mixing
-        # T2V and I2V rows loads each 14B expert once instead of alternating between the two models.
-        return stage_of(self.spec.stage).priority + (1 if self.spec.model.get("task") == "t2v" else 0)
+        return task_priority(self.spec)
 
     @property
     def resources(self) -> dict[str, int]:
