@@ -99,8 +99,14 @@ class StageTask(luigi.Task):
         cfg = wan_batch()
         return {cfg.gpu_resource: cfg.gpu_per_task} if cfg.gpu_per_task > 0 else {}
 
-    def requires(self):
+    @cached_property
+    def _upstream_tasks(self) -> list["StageTask"]:
+        # made once: Luigi, the heal check and the failure check each ask, and making a task costs Luigi's
+        # parameter parsing (a large batch's worker asks this hundreds of thousands of times)
         return [task_for(up, self.store, self.run_id) for up in self.spec.upstream.values()]
+
+    def requires(self):
+        return list(self._upstream_tasks)
 
     def output(self) -> ArtifactTarget:
         return ArtifactTarget(self.artifact_store, self.spec.ref, self.run_id)

@@ -65,7 +65,9 @@ def count_artifacts(plans: tuple[JobPlan, ...] | list[JobPlan]) -> int:
     return len({s.key for p in plans if p.decode is not None for s in p.decode.chain()})
 
 
-_MEMBERS: dict[str, list[StageTask]] = {}  # Wave digest -> its stage tasks, in the process that planned it
+# run_id -> Wave digest -> its stage tasks, in the process that planned it. Kept after the waves are done (Luigi's
+# execution summary walks the waves' requirements at the end); the two latest runs are kept.
+_MEMBERS: dict[str, dict[str, list[StageTask]]] = {}
 
 
 class Wave(luigi.WrapperTask):
@@ -81,23 +83,30 @@ class Wave(luigi.WrapperTask):
         super().__init__(*args, **kwargs)
         self._done = False
 
+    def members(self) -> list[StageTask] | None:
+        """Its stage tasks; None in a process that did not plan it (Luigi hands a wave only to the workers
+        whose Waves declared it, so that process never runs it)."""
+        return _MEMBERS.get(self.run_id, {}).get(self.digest)
+
     def requires(self) -> list[StageTask]:
-        try:
-            return _MEMBERS[self.digest]
-        except KeyError:  # only the process whose Waves planned it knows its tasks; Luigi hands it only there
-            raise RuntimeError(f"wave {self.stage} #{self.index} was not planned in this process") from None
+        return self.members() or []
 
     def complete(self) -> bool:
         # Once all its tasks were seen complete it stays complete: a later re-run of Waves.run() skips it
         # without re-checking, and an artifact damaged since is healed by the task that needs it.
         if not self._done:
-            self._done = all(t.complete() for t in self.requires())
+            members = self.members()
+            self._done = members is not None and all(t.complete() for t in members)
         return self._done
 
 
 def make_wave(stage: str, index: int, tasks: list[StageTask], run_id: str) -> Wave:
     digest = hashlib.sha256("\n".join(t.task_id for t in tasks).encode()).hexdigest()
-    _MEMBERS[digest] = tasks
+    if run_id not in _MEMBERS:
+        while len(_MEMBERS) >= 2:  # a long-lived process (the service) keeps only the latest runs' waves
+            _MEMBERS.pop(next(iter(_MEMBERS)))
+        _MEMBERS[run_id] = {}
+    _MEMBERS[run_id][digest] = tasks
     return Wave(stage=stage, index=index, size=len(tasks), digest=digest, run_id=run_id)
 
 
@@ -144,8 +153,5 @@ class Waves(luigi.Task):
                                  f"segment {i + 1} of {len(self.segments)}",
                            int(100 * i / max(1, len(self.segments))))
                 yield wave
-        for waves in self._waves.values():  # done: the tasks need not stay referenced by this process
-            for wave in waves:
-                _MEMBERS.pop(wave.digest, None)
         report(self, "all waves done", 100)
         self._finished = True
