@@ -30,7 +30,7 @@ from pipeline.plan import JobPlan
 from pipeline.progress import report
 from pipeline.spec import StageSpec
 
-from .stages import StageTask, task_for, task_priority
+from .stages import ArtifactTarget, StageTask, open_store, task_for, task_priority
 
 DEFAULT_WAVE_TASKS = 1000  # benchmarks/bench_scale.py: flat per-task cost up to here, a fraction of a stage's
 
@@ -123,7 +123,8 @@ class Waves(luigi.Task):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._waves: dict[int, list[Wave]] = {}
+        self._chunks: dict[int, list[list[StageSpec]]] = {}
+        self._waves: dict[tuple[int, int], Wave] = {}
         self._finished = False
 
     @cached_property
@@ -133,23 +134,31 @@ class Waves(luigi.Task):
     def complete(self) -> bool:
         return self._finished  # RunManifest decides what is cached; this only schedules
 
-    def waves(self, i: int) -> list[Wave]:
-        """Segment i's waves: its tasks not yet complete when the segment is first reached, `wave_tasks` at a
-        time. Checking them here also sizes the stage's progress bar (ArtifactTarget.exists)."""
-        if i not in self._waves:
-            specs = self.segments[i]
-            pending = [t for t in (task_for(s, self.store, self.run_id) for s in specs) if not t.complete()]
+    def chunks(self, i: int) -> list[list[StageSpec]]:
+        """Segment i's waves, as specs: its artifacts not yet in the store (nor failed in this run) when the
+        segment is first reached, `wave_tasks` at a time. Checked through the tasks' own target, without making
+        the tasks (a Luigi task costs its parameter parsing); checking also sizes the stage's progress bar."""
+        if i not in self._chunks:
+            store = open_store(self.store)
+            pending = [s for s in self.segments[i] if not ArtifactTarget(store, s.ref, self.run_id).exists()]
             size = max(1, self.wave_tasks)
-            self._waves[i] = [make_wave(specs[0].stage, n, pending[j:j + size], self.run_id)
-                              for n, j in enumerate(range(0, len(pending), size))]
-        return self._waves[i]
+            self._chunks[i] = [pending[j:j + size] for j in range(0, len(pending), size)]
+        return self._chunks[i]
+
+    def wave(self, i: int, n: int) -> Wave:
+        if (i, n) not in self._waves:  # its tasks are made when the wave is first reached
+            chunk = self.chunks(i)[n]
+            self._waves[i, n] = make_wave(chunk[0].stage, n, [task_for(s, self.store, self.run_id) for s in chunk],
+                                          self.run_id)
+        return self._waves[i, n]
 
     def run(self):
         for i, specs in enumerate(self.segments):
-            waves = self.waves(i)
-            for n, wave in enumerate(waves):
+            chunks = self.chunks(i)
+            for n in range(len(chunks)):
+                wave = self.wave(i, n)
                 if not wave.complete():
-                    report(self, f"{specs[0].stage}: wave {n + 1} of {len(waves)} ({wave.size} tasks); "
+                    report(self, f"{specs[0].stage}: wave {n + 1} of {len(chunks)} ({wave.size} tasks); "
                                  f"segment {i + 1} of {len(self.segments)}",
                            int(100 * i / max(1, len(self.segments))))
                 yield wave
