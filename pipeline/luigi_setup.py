@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import luigi.configuration
+import luigi.interface
+import luigi.scheduler
 
 # Exit codes of `luigi --module pipeline RunManifest ...` (Luigi's own defaults are 0 for failures).
 RETCODES = {
@@ -41,7 +44,32 @@ def _set(cfg, section: str, option: str, value: str) -> None:
     cfg.set(section, option, value)
 
 
+PRUNE_INTERVAL_S = 60.0  # as often as luigid prunes its own state
+
+
+class LocalScheduler(luigi.scheduler.Scheduler):
+    """Luigi's local scheduler, pruning its task graph at most once a minute (as luigid does) instead of on
+    every get_work: a prune walks every task the run has seen, done ones included, so pruning per get_work
+    made each task of a batch cost time proportional to the batch (issue 21)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "prune_on_get_work": False})
+        self._pruned_at = time.monotonic()
+
+    def get_work(self, *args, **kwargs):
+        if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL_S:
+            self._pruned_at = time.monotonic()
+            self.prune()
+        return super().get_work(*args, **kwargs)
+
+
+def _create_local_scheduler(self) -> LocalScheduler:
+    return LocalScheduler(record_task_history=False)
+
+
 def configure_luigi() -> None:
+    # `luigi.build(..., local_scheduler=True)` and `luigi --local-scheduler` both make theirs here
+    luigi.interface._WorkerSchedulerFactory.create_local_scheduler = _create_local_scheduler
     cfg = luigi.configuration.get_config()
     configured = any(_has(cfg, "core", opt) for opt in _SCHEDULER_OPTIONS)
     if not configured and not _scheduler_on_command_line(sys.argv[1:]):

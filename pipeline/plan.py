@@ -70,6 +70,10 @@ class Planner:
                         "ram_budget_gb": config.get("ram_budget_gb"), "vram_budget_gb": config.get("vram_budget_gb"),
                         **perf_runtime(config.values)}
         self._models: dict[str, Any] = {}
+        # per model and per schedule, not per row: building a diffusers scheduler (to count its timesteps) and
+        # reading the model's scheduler config were most of a 10,000-row manifest's planning (issue 21)
+        self._scheduler_configs: dict[int, dict[str, Any]] = {}
+        self._steps: dict[str, tuple[int, int]] = {}
 
     def _model(self, task: str, loras: list[dict[str, Any]] | None = None):
         """The model of a task; with a row's LoRA set, the same model with that set on its experts (its
@@ -106,9 +110,20 @@ class Planner:
                     "shift": float(v["sample_shift"]), "boundary_step_index": int(v["boundary_step_index"])}
         # the config's boundary wins; else the model's own (Wan2.2: 0.875 T2V, 0.900 I2V)
         boundary = v.get("boundary") or ref.boundary_ratio or 0.875
-        sched_cfg = {k: val for k, val in scheduler_config(ref).items() if not k.startswith("_")}
+        if id(ref) not in self._scheduler_configs:  # refs live in self._models, so their ids stay theirs
+            self._scheduler_configs[id(ref)] = {k: val for k, val in scheduler_config(ref).items()
+                                                if not k.startswith("_")}
+        sched_cfg = dict(self._scheduler_configs[id(ref)])
         return {"kind": "unipc", "infer_steps": int(v["infer_steps"]), "shift": float(v["sample_shift"]),
                 "boundary": float(boundary), "scheduler_config": sched_cfg}
+
+    def _step_split(self, schedule: dict[str, Any]) -> tuple[int, int]:
+        """(number of solver steps, index of the first low-noise step) of a schedule."""
+        key = json.dumps(schedule, sort_keys=True)
+        if key not in self._steps:
+            timesteps = make_scheduler(schedule).timesteps
+            self._steps[key] = (len(timesteps), split_index(schedule, timesteps))
+        return self._steps[key]
 
     def _plan(self, job: Job) -> StageSpec:
         v = self.config.with_overrides(job.overrides)
@@ -131,14 +146,13 @@ class Planner:
                                        runtime=self.runtime)
 
         schedule = self._schedule(ref, v)
-        timesteps = make_scheduler(schedule).timesteps
-        split = split_index(schedule, timesteps)
+        n_steps, split = self._step_split(schedule)
         g_high, g_low = guide_scales(v)
         experts = ref.experts
-        ranges = {"high": [0, split], "low": [split, len(timesteps)], "single": [0, len(timesteps)]}
+        ranges = {"high": [0, split], "low": [split, n_steps], "single": [0, n_steps]}
         scales = {"high": g_high, "low": g_low, "single": g_high}
         try:
-            caching = cache_params(v, len(timesteps))
+            caching = cache_params(v, n_steps)
         except ValueError as e:
             raise WanBatchError(str(e)) from e
         prev: StageSpec | None = None

@@ -36,6 +36,14 @@ def _call(task: Any, name: str, value: Any) -> None:
             log.debug("luigi %s failed: %s", name, e)
 
 
+def report(task: Any, message: str | None = None, percentage: int | None = None) -> None:
+    """Show a task's status message and percentage in luigid's UI (nothing outside a Luigi worker)."""
+    if message is not None:
+        _call(task, "set_status_message", message)
+    if percentage is not None:
+        _call(task, "set_progress_percentage", percentage)
+
+
 class StageProgress:
     """Tasks expected / done per stage, the tqdm bars, and the Luigi hooks of the running task."""
 

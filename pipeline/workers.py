@@ -222,11 +222,14 @@ class BatchSpec:
     extra: list[str] = field(default_factory=list)
 
 
-def worker_command(batch: BatchSpec, scheduler: Scheduler, gpu_per_task: int) -> list[str]:
+def worker_command(batch: BatchSpec, scheduler: Scheduler, gpu_per_task: int, slot: int = 0) -> list[str]:
+    """The product's Luigi command for one worker. `slot` numbers the workers: a large batch is scheduled in
+    waves (tasks/waves.py), and workers of distinct slots each declare the waves, so all of them share them."""
     cmd = [sys.executable, "-m", "luigi", "--module", batch.module, "RunManifest", "--manifest", batch.manifest,
            "--output-dir", batch.output_dir, "--store", batch.store, "--run-id", batch.run_id,
            "--scheduler-host", scheduler.host, "--scheduler-port", str(scheduler.port), "--workers", "1",
-           "--worker-keep-alive", "--no-lock", "--wan-batch-gpu-per-task", str(gpu_per_task)]
+           "--worker-keep-alive", "--no-lock", "--wan-batch-gpu-per-task", str(gpu_per_task),
+           "--slot", str(slot)]
     if batch.config:
         cmd += ["--config", batch.config]
     if batch.model_path:
@@ -249,7 +252,7 @@ def start_workers(batch: BatchSpec, scheduler: Scheduler, groups: list[str], log
         with open(path, "wb") as out:
             out.write(f"# worker {i} CUDA_VISIBLE_DEVICES={devices!r}\n".encode())
             out.flush()
-            proc = subprocess.Popen(worker_command(batch, scheduler, gpu_per_task), stdout=out,
+            proc = subprocess.Popen(worker_command(batch, scheduler, gpu_per_task, slot=i), stdout=out,
                                     stderr=subprocess.STDOUT, env=env)
         runs.append(WorkerRun(i, devices, path, proc))
     return runs

@@ -1,5 +1,6 @@
-"""RunManifest: validate the manifest, require one DecodeVideo per row, then publish the videos and
-results.parquet. Rows that failed (at validation or in any stage) are reported with their error; the
+"""RunManifest: validate the manifest, require one DecodeVideo per row (a batch of more than `wave_tasks`
+artifacts: its Waves, which declare the stage tasks a wave at a time, tasks/waves.py), then publish the videos
+and results.parquet. Rows that failed (at validation or in any stage) are reported with their error; the
 others finish; the task then fails so the process exits non-zero (see pipeline's Luigi retcodes)."""
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import faults
-from pipeline.batch import load_batch
 from pipeline.errors import RowsFailed, WanBatchError
 from pipeline.plan import JobPlan
 from pipeline.stages.registry import job_stage_names
 from pipeline.store import atomic_path, file_lock, sha256_file, stale_temps
 
 from .stages import open_store, task_for
+from .waves import DEFAULT_WAVE_TASKS, Waves, batch_plans, count_artifacts
 
 log = logging.getLogger("wan_batch.tasks")
 
@@ -38,6 +39,11 @@ class RunManifest(luigi.Task):
     store = luigi.Parameter(default="wan-store", description="artifact store, shared across batches")
     strict = luigi.BoolParameter(default=False, description="refuse the manifest on any row-level problem")
     run_id = luigi.Parameter(default="", significant=False)
+    wave_tasks = luigi.IntParameter(default=DEFAULT_WAVE_TASKS, significant=False,
+                                    description="a batch of more artifacts than this is scheduled in waves of "
+                                                "this many stage tasks (0: always all at once)")
+    slot = luigi.IntParameter(default=0, significant=False,
+                              description="this worker's number among workers sharing the batch on one luigid")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -46,9 +52,16 @@ class RunManifest(luigi.Task):
 
     @cached_property
     def plans(self) -> list[JobPlan]:
-        return load_batch(self.manifest, self.config, strict=self.strict, model_path=self.model_path or None).plans
+        return list(batch_plans(self.manifest, self.config, self.strict, self.run_id, self.model_path))
+
+    @cached_property
+    def in_waves(self) -> bool:
+        return self.wave_tasks > 0 and count_artifacts(self.plans) > self.wave_tasks
 
     def requires(self):
+        if self.in_waves:
+            return Waves(manifest=self.manifest, config=self.config, model_path=self.model_path, store=self.store,
+                         strict=self.strict, slot=self.slot, run_id=self.run_id, wave_tasks=self.wave_tasks)
         return [task_for(p.decode, self.store, self.run_id) for p in self.plans if p.decode is not None]
 
     def complete(self) -> bool:

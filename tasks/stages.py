@@ -38,6 +38,16 @@ class wan_batch(luigi.Config):  # noqa: N801  (the class name is the section nam
     gpu_per_task = luigi.IntParameter(default=1, description="units of it per stage task (0: none)")
 
 
+def task_priority(spec: StageSpec) -> float:
+    """Luigi priority of a spec's task: its stage's, +1 for the T2V model, so within a stage tasks of the same
+    model run back to back: a batch mixing T2V and I2V rows loads each 14B expert once instead of alternating
+    between the two models. Within one model, tasks of the same expert fingerprint (its per-row LoRA set) run
+    back to back too: a fraction below 0.5 from the fingerprint, so each patched expert is loaded once per
+    stage. Waves (tasks/waves.py) follow the same order."""
+    group = int(spec.fingerprint[:6], 16) / 16**6 / 2 if spec.family == "denoise" and spec.fingerprint else 0.0
+    return stage_of(spec.stage).priority + (1 if spec.model.get("task") == "t2v" else 0) + group
+
+
 def open_store(root: str) -> ArtifactStore:
     """One ArtifactStore per root per process, so integrity checks are memoised across tasks."""
     if root not in _STORES:
@@ -85,21 +95,21 @@ class StageTask(luigi.Task):
 
     @property
     def priority(self) -> int:
-        # Within a stage, tasks of the same model run back to back (+1 for the T2V model): a batch mixing
-        # T2V and I2V rows loads each 14B expert once instead of alternating between the two models. Within
-        # one model, tasks of the same expert fingerprint (its per-row LoRA set) run back to back too: a
-        # fraction below 0.5 from the fingerprint, so each patched expert is loaded once per stage.
-        spec = self.spec
-        group = int(spec.fingerprint[:6], 16) / 16**6 / 2 if spec.family == "denoise" and spec.fingerprint else 0.0
-        return stage_of(spec.stage).priority + (1 if spec.model.get("task") == "t2v" else 0) + group
+        return task_priority(self.spec)
 
     @property
     def resources(self) -> dict[str, int]:
         cfg = wan_batch()
         return {cfg.gpu_resource: cfg.gpu_per_task} if cfg.gpu_per_task > 0 else {}
 
-    def requires(self):
+    @cached_property
+    def _upstream_tasks(self) -> list["StageTask"]:
+        # made once: Luigi, the heal check and the failure check each ask, and making a task costs Luigi's
+        # parameter parsing (a large batch's worker asks this hundreds of thousands of times)
         return [task_for(up, self.store, self.run_id) for up in self.spec.upstream.values()]
+
+    def requires(self):
+        return list(self._upstream_tasks)
 
     def output(self) -> ArtifactTarget:
         return ArtifactTarget(self.artifact_store, self.spec.ref, self.run_id)

@@ -3,9 +3,7 @@ import and paths; its videos are the bytes RunManifest makes for the same rows; 
 calls; a second identical call is a cache hit; switch_lora and back gives the bytes of never switching."""
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 
