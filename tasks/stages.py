@@ -94,7 +94,7 @@ class StageTask(luigi.Task):
         return open_store(self.store)
 
     @property
-    def priority(self) -> int:
+    def priority(self) -> float:
         return task_priority(self.spec)
 
     @property
