@@ -24,7 +24,7 @@ def batch(tmp_path_factory, tiny_root):
     """README's way: run from the project folder with the default, relative `outputs` and `wan-store`."""
     import os
 
-    from pipeline.commands.run import run_batch
+    from tasks.build import run_batch
 
     project = tmp_path_factory.mktemp("report links") / "my project"  # a space in the path
     project.mkdir()
