@@ -156,7 +156,7 @@ def _skip_latent_denormalisation(monkeypatch):
 
     import pipeline.stages.decode as decode
 
-    def decode_raw(vae, latents):
+    def decode_raw(vae, latents, **_):  # the real one also takes bf16=
         with torch.no_grad():
             video = vae.decode(latents.to(next(vae.parameters()).device, vae.dtype), return_dict=False)[0]
         return (video.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 3, 0).cpu()
