@@ -42,9 +42,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _accepts(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
+    """luigid answers HTTP: its event loop runs, so its signal handlers are installed (it binds its port
+    before it installs them; a SIGTERM in between would end it without saving its state)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=2.0)
+    try:
+        conn.request("GET", "/api/task_list?data=%7B%7D")
+        conn.getresponse().read()
         return True
-    return False
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
 
 
 class StateDirError(ValueError):
