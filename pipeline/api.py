@@ -45,6 +45,9 @@ _NO_EFFECT_DEFAULTS = {"aspect_ratio": "16:9", "resize_mode": None, "audio_fps":
                        "distilled_sigma_values": None}
 # kernel choices LightX2V exposes that give the same result here (docs/config.md)
 _KERNEL_CHOICES = ("rope_type", "double_precision_rope", "norm_modulate_backend")
+# generate()'s arguments LightX2V always passes (video super-resolution, reference prompts) with no effect on a
+# Wan T2V/I2V video: accepted at LightX2V's defaults only
+_GENERATE_NO_EFFECT = {"sr_ratio": 2.0, "prompt_ref": "人物动作的参考视频"}
 
 
 @dataclass
@@ -69,9 +72,9 @@ class WanBatchPipeline:
                  work_dir: str | os.PathLike = "wan-api-runs"):
         if model_cls and model_cls not in MODEL_CLASSES:
             raise WanBatchError(f"model_cls {model_cls!r} is not run by wan-batch (it runs {', '.join(MODEL_CLASSES)})")
-        if sf_model_path or transformer_model_name:
-            raise WanBatchError("sf_model_path / transformer_model_name are for Self-Forcing and other model "
-                                "families that wan-batch does not run")
+        if sf_model_path or transformer_model_name or support_tasks:
+            raise WanBatchError("sf_model_path / transformer_model_name / support_tasks are for Self-Forcing, "
+                                "MiniMax and other model families that wan-batch does not run")
         if task not in ("t2v", "i2v"):
             raise WanBatchError(f"task {task!r}: wan-batch runs t2v and i2v")
         self.task = task
@@ -142,6 +145,9 @@ class WanBatchPipeline:
                         dit_quantized_ckpt=None, low_noise_quantized_ckpt=None, high_noise_quantized_ckpt=None,
                         text_encoder_quantized_ckpt=False, image_encoder_quantized_ckpt=False,
                         quant_scheme="fp8-sgl", text_encoder_quant_scheme=None, skip_fp8_block_index=None) -> None:
+        if skip_fp8_block_index is not None:
+            raise WanBatchError("enable_quantize: skip_fp8_block_index is LightX2V's LTX-2 setting; it has no effect "
+                                "on a Wan model")
         values = dict(dit_quantized=dit_quantized, dit_quant_scheme=quant_scheme, t5_quantized=text_encoder_quantized,
                       clip_quantized=image_encoder_quantized)
         if text_encoder_quantized:
@@ -221,7 +227,7 @@ class WanBatchPipeline:
                  target_shape=(), **unsupported) -> GenerationResult:
         """One video through the batch engine; the MP4 is copied (atomically) to save_result_path."""
         given = [k for k, v in unsupported.items() if v not in (None, "", [], (), False)
-                 and k not in ("sr_ratio", "prompt_ref")]
+                 and _GENERATE_NO_EFFECT.get(k, object()) != v]
         if given or target_shape:
             raise WanBatchError(f"generate: {', '.join(given or ['target_shape'])} belong to model families "
                                 "wan-batch does not run (Wan T2V/I2V only)")

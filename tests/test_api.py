@@ -89,5 +89,11 @@ def test_arguments_for_other_model_families_are_refused(tmp_path, pipe):
         pipe.generate(prompt="x", audio_path="a.wav", save_result_path=tmp_path / "x.mp4")
     with pytest.raises(WanBatchError, match="wan2.2_animate"):
         LightX2VPipeline(model_path="builtin:tiny", model_cls="wan2.2_animate", task="t2v")
+    with pytest.raises(WanBatchError, match="sr_ratio"):
+        pipe.generate(prompt="x", sr_ratio=4.0, save_result_path=tmp_path / "x.mp4")
+    with pytest.raises(WanBatchError, match="skip_fp8_block_index"):
+        pipe.enable_quantize(skip_fp8_block_index=[0, 43])
+    with pytest.raises(WanBatchError, match="support_tasks"):
+        LightX2VPipeline(model_path="builtin:tiny", task="t2v", support_tasks=["t2av"])
     with pytest.raises(WanBatchError, match="resize_mode"):
         LightX2VPipeline(model_path="builtin:tiny", task="t2v", work_dir=tmp_path).create_generator(resize_mode="adaptive")
