@@ -17,6 +17,7 @@ $OUT/bench.jsonl); the table comes last (also $OUT/table.md). Ratios are diffuse
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -521,8 +522,16 @@ def section_batch(b: Bench) -> None:
     from tasks.build import run_batch
     from pipeline.runtime import MODELS
 
+    import shutil
+
+    from pipeline.fast.accel import compile_cache_dir
+
     root = Path(b.args.work) if b.args.work else b.out.parent / "bench-work"
     root.mkdir(parents=True, exist_ok=True)
+    for old in ("store", "outputs", "diffusers-out"):  # a second invocation measures a whole batch again
+        shutil.rmtree(root / old, ignore_errors=True)
+    cache_dir = compile_cache_dir()
+    warm = cache_dir.is_dir() and any(p.is_file() for p in cache_dir.rglob("*"))
     folders = skeleton_models(root / "models", b.size, b.args.layers)
     manifest, rows = _make_jobs(b, root)
     h, w, f = RES[b.resolutions()[0]]
@@ -538,7 +547,10 @@ def section_batch(b: Bench) -> None:
     cfg_path.write_text(json.dumps(config, indent=1))
     n = len(rows)
     # diffusers first: both experts + T5 + VAE resident (about 67 GB at full size), as its pipelines need
-    s_theirs = _diffusers_loop(b, folders, rows, (h, w, f), root) if not b.args.skip_diffusers else None
+    theirs_rows = _spread(rows, b.args.diffusers_jobs) if b.args.diffusers_jobs else rows
+    # its seconds for the whole batch at the rate it ran (the same jobs' kinds, in proportion)
+    s_theirs = (_diffusers_loop(b, folders, theirs_rows, (h, w, f), root) * len(rows) / len(theirs_rows)
+                if not b.args.skip_diffusers else None)
     gc.collect()
     if b.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -566,7 +578,7 @@ def section_batch(b: Bench) -> None:
     b.emit(section="batch", pipeline="ours (Luigi, fp8 + compile, one expert resident)", jobs=n, ok=done,
            all_ok=ok, wall_s=wall, model_build_s=loads, batch_s=s_ours, videos_per_hour=3600 * n / s_ours,
            loads=load_counts, peak_gb=b.peak_gb(), stage_s=stage_s, gpu_idle_share=idle.share,
-           gpu_idle_samples=len(idle.samples),
+           gpu_idle_samples=len(idle.samples), compile_cache_warm_at_start=warm,
            errors=[r["error"] for r in results if r["error"]][:3])
     if s_theirs and done == n:
         b.emit(section="batch", ratio_videos_per_hour=s_theirs / s_ours)
@@ -574,8 +586,16 @@ def section_batch(b: Bench) -> None:
         b.emit(section="batch", error=f"only {done} of {n} videos were made: the timing is not comparable")
     b.row(f"4-step batch, {n} jobs {h}p (s; videos/h ours {3600 * n / s_ours:.0f}"
           + (f", diffusers {3600 * n / s_theirs:.0f})" if s_theirs else ")"), s_ours, s_theirs, b.peak_gb(),
-          b.state.get("diffusers_batch_peak"), note=f"{done}/{n} MP4s; model builds excluded ({loads:.0f} s); GPU idle "
+          b.state.get("diffusers_batch_peak"), note=f"{done}/{n} MP4s; model builds excluded ({loads:.0f} s); "
+          + ("compile cache warm at start; " if warm else "compile cache cold at start; ")
+          + (f"diffusers timed on {len(theirs_rows)} of the jobs; " if s_theirs and len(theirs_rows) < n else "")
+          + "GPU idle "
           + (f"{100 * idle.share:.0f}% of the wall time" if idle.share is not None else "not measured (no NVML)"))
+
+
+def _spread(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The first `k` rows keeping the batch's mix of T2V and I2V jobs (half each, as _make_jobs alternates)."""
+    return rows[:max(2, min(k, len(rows)))]
 
 
 def _diffusers_loop(b: Bench, folders: dict[str, Path], rows: list[dict[str, Any]], hwf, root: Path) -> float:
@@ -626,6 +646,90 @@ def _diffusers_loop(b: Bench, folders: dict[str, Path], rows: list[dict[str, Any
            model_build_s=build, videos_per_hour=3600 * len(rows) / spent, peak_gb=b.peak_gb())
     del t5, vae
     return spent
+
+
+# ---- caching: a 40-step CFG run with LightX2V's feature_caching ------------------------------------------------
+
+# LightX2V's published 480p caching settings (configs/caching/magcache/wan_i2v_mag_480p.json and
+# configs/caching/teacache/wan_i2v_tea_480p.json): the ratio tables and coefficients are theirs, calibrated on
+# Wan2.1 I2V 14B; MagCache's decisions follow the table alone, TeaCache's also the modulation of each step.
+MAG_480P = {"feature_caching": "Mag", "magcache_calibration": False, "magcache_K": 6, "magcache_thresh": 0.24,
+            "magcache_retention_ratio": 0.2, "magcache_ratios": [
+                [1.0, 0.98783, 0.97559, 0.98311, 0.98202, 0.9888, 0.98762, 0.98957, 0.99052, 0.99383, 0.98857,
+                 0.99065, 0.98845, 0.99057, 0.98957, 0.98601, 0.98823, 0.98756, 0.98808, 0.98721, 0.98571, 0.98543,
+                 0.98157, 0.98411, 0.97952, 0.98149, 0.9774, 0.97825, 0.97355, 0.97085, 0.97056, 0.96588, 0.96113,
+                 0.9567, 0.94961, 0.93973, 0.93217, 0.91878, 0.90955, 0.92617],
+                [1.0, 0.98993, 0.97593, 0.98319, 0.98225, 0.98878, 0.98759, 0.98971, 0.99043, 0.99384, 0.9886,
+                 0.99068, 0.98847, 0.99057, 0.98961, 0.9861, 0.98823, 0.98759, 0.98814, 0.98724, 0.98572, 0.98544,
+                 0.98165, 0.98413, 0.97953, 0.9815, 0.97742, 0.97826, 0.97361, 0.97087, 0.97055, 0.96587, 0.96124,
+                 0.95681, 0.94969, 0.93988, 0.93224, 0.91896, 0.90954, 0.92616]]}
+TEA_480P = {"feature_caching": "Tea", "use_ret_steps": True, "teacache_thresh": 0.26, "coefficients": [
+    [2.57151496e05, -3.54229917e04, 1.40286849e03, -1.35890334e01, 1.32517977e-01],
+    [-3.02331670e02, 2.23948934e02, -5.25463970e01, 5.87348440e00, -2.01973289e-01]]}
+
+
+def section_caching(b: Bench) -> None:
+    """A `--cache-steps`-step CFG run (guide 5, shift 5, UniPC) with one expert: diffusers' bf16 step time x the
+    step count (its loop does nothing else per step), against ours (fp8 linears + compile + the default
+    attention) run uncached, with MagCache and with TeaCache; the final latents of each cached run are compared
+    with our uncached run's."""
+    from diffusers import UniPCMultistepScheduler
+
+    from pipeline.fast.accel import compile_blocks
+    from pipeline.fast.attention import apply_attention
+    from pipeline.fast.fp8_matmul import FP8, quantize_blocks
+    from pipeline.fast.step_cache import StepCache, cache_params
+    from pipeline.stages.denoise import denoise_steps, predict_noise
+
+    n = b.args.cache_steps
+    res = b.resolutions()[0]
+    model = build_dit(dit_config(b.size, "t2v", b.args.layers), b.device, b.dtype)
+    x, t, ctx, ctx_null = _inputs(b, res)
+    s_theirs_step, _, _ = b.time(lambda: predict_noise(model, x.to(b.dtype), t, ctx, ctx_null, 5.0), warmup=1)
+    s_theirs = n * s_theirs_step
+    b.emit(section="caching", path="diffusers bf16 SDPA, 2 forwards a step", step_s=s_theirs_step,
+           steps=n, run_s=s_theirs)
+    attention = apply_attention(model, None, None, b.device)["self"]["backend"]
+    if b.device.type == "cuda":
+        quantize_blocks(model, FP8)
+        compile_blocks(model)
+        b.time(lambda: predict_noise(model, x.to(b.dtype), t, ctx, ctx_null, 5.0, batched_cfg=True), warmup=1)
+
+    def run(values: dict[str, Any] | None):
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=5.0)
+        sched.set_timesteps(n)
+        cache = StepCache(cache_params(values, n), 0) if values else None
+        predict = cache.predict(predict_noise) if cache else None
+        with cache.install(model) if cache else contextlib.nullcontext():
+            b.sync()
+            t0 = time.perf_counter()
+            out = denoise_steps(model, sched, x.clone(), range(n), ctx, ctx_null, 5.0, batched_cfg=True,
+                                predict=predict)
+            b.sync()
+        return time.perf_counter() - t0, out.float(), cache.report() if cache else None
+
+    s_plain, ref, _ = run(None)
+    b.emit(section="caching", path=f"ours uncached ({attention})", steps=n, run_s=s_plain,
+           speedup=s_theirs / s_plain)
+    b.row(f"{n}-step CFG run {res}, ours uncached ({attention}) vs diffusers' step x {n}", s_plain, s_theirs,
+          note="one expert over every step")
+    for name, values in (("Mag", MAG_480P), ("Tea", TEA_480P)):
+        s_c, out, rep = run(values)
+        err = _compare(ref, out)
+        b.emit(section="caching", path=f"ours {name} ({attention})", steps=n, run_s=s_c, speedup=s_theirs / s_c,
+               forwards=rep["forwards"], forwards_skipped=rep["forwards_skipped"],
+               block_stack_runs=rep["block_stack_runs"], latents_cos_vs_uncached=err["pred_cos"],
+               latents_rel_l2_vs_uncached=err["pred_rel_l2"])
+        b.row(f"{n}-step CFG run {res}, feature_caching {name} (LightX2V's 480p settings)", s_c, s_theirs,
+              note=f"{rep['forwards_skipped']}/{rep['forwards']} branch forwards skipped; final latents cos "
+                   f"{err['pred_cos']:.4f} / rel L2 {err['pred_rel_l2']:.3f} vs ours uncached")
+    del model
+    if b.device.type == "cuda":
+        from torch import _dynamo
+
+        _dynamo.reset()
+    b.reset_peak()
 
 
 # ---- compile: warm-up in a fresh process, with a cold and a warm on-disk cache -----------------------------------
@@ -685,6 +789,7 @@ def section_compile_child(b: Bench) -> None:
 
 
 SECTIONS = {"micro": section_micro, "dit": section_dit, "vae": section_vae, "batch": section_batch,
+            "caching": section_caching,
             "compile": section_compile, "compile_child": section_compile_child}
 
 
@@ -710,11 +815,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="DiT layers (default: the real 40)")
     p.add_argument("--jobs", type=int, default=4, help="jobs in the batch section (half T2V, half I2V)")
     p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--cache-steps", type=int, default=40, help="caching section: steps of the CFG run")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--work", default=None, help="scratch folder for the batch section")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--skip-diffusers", action="store_true", help="batch section: ours only")
+    p.add_argument("--diffusers-jobs", type=int, default=0,
+                   help="batch section: time the diffusers loop on this many of the jobs (T2V/I2V mix kept) and "
+                        "scale its seconds to the whole batch (default: all)")
     p.add_argument("--no-fast", action="store_true", help="dit section: stop after the bf16 paths (and offload)")
     args = p.parse_args(argv)
     args.sections = args.sections.split(",")
