@@ -148,10 +148,13 @@ class WanBatchPipeline:
         if skip_fp8_block_index is not None:
             raise WanBatchError("enable_quantize: skip_fp8_block_index is LightX2V's LTX-2 setting; it has no effect "
                                 "on a Wan model")
+        if text_encoder_quant_scheme is not None:
+            raise WanBatchError("enable_quantize: text_encoder_quant_scheme is read for LightX2V's HunyuanVideo-1.5 / "
+                                "Qwen-Image text encoders; a Wan model's T5 and CLIP take quant_scheme")
+        # LightX2V's Wan branch: t5_quant_scheme = clip_quant_scheme = quant_scheme
         values = dict(dit_quantized=dit_quantized, dit_quant_scheme=quant_scheme, t5_quantized=text_encoder_quantized,
-                      clip_quantized=image_encoder_quantized)
-        if text_encoder_quantized:
-            values.update(t5_quant_scheme=text_encoder_quant_scheme or quant_scheme)
+                      clip_quantized=image_encoder_quantized, t5_quant_scheme=quant_scheme,
+                      clip_quant_scheme=quant_scheme)
         for key, value in (("dit_quantized_ckpt", dit_quantized_ckpt), ("low_noise_quantized_ckpt", low_noise_quantized_ckpt),
                            ("high_noise_quantized_ckpt", high_noise_quantized_ckpt),
                            ("t5_quantized_ckpt", text_encoder_quantized_ckpt),

@@ -55,7 +55,8 @@ def classify_keys(raw: dict[str, Any]) -> dict[str, list[str]]:
 
 
 PATH_KEYS = ("model_path", "i2v_model_path", "dit_original_ckpt", "high_noise_original_ckpt",
-             "low_noise_original_ckpt", "dit_quantized_ckpt", "high_noise_quantized_ckpt", "low_noise_quantized_ckpt")
+             "low_noise_original_ckpt", "dit_quantized_ckpt", "high_noise_quantized_ckpt", "low_noise_quantized_ckpt",
+             "t5_quantized_ckpt", "clip_quantized_ckpt")
 
 
 def check_config(path: str | Path, model_path: str | None = None) -> Report:
@@ -139,10 +140,13 @@ def _check_model(config: GenerationConfig, key: str, report: Report) -> None:
         if mismatch:
             report.problems.append(mismatch)
         for comp in ("text", "vae", *(("clip",) if image_encoder else ())):
-            desc = _attempt(report, lambda: check_component(folder, fmt, comp).description,
-                            f"{COMPONENT_NAMES[comp]}: ")
+            desc = _attempt(report, lambda: check_component(folder, fmt, comp, _encoder_quant(config, folder, comp))
+                            .description, f"{COMPONENT_NAMES[comp]}: ")
             if desc:
                 report.lines.append(f"  {comp:<6} {desc}")
+        for flag, ckpt in (("t5_quantized", "t5_quantized_ckpt"), ("clip_quantized", "clip_quantized_ckpt")):
+            if config.get(ckpt) and config.get(flag) is not True:
+                report.warnings.append(f"{ckpt} is set but {flag} is not true: it is not used")
         for expert in experts:
             _check_expert(config, folder, fmt, task, family, experts, expert, scheme, loras.get(expert, []), report)
         if not config.get("dit_quantized"):
@@ -150,6 +154,14 @@ def _check_model(config: GenerationConfig, key: str, report: Report) -> None:
                 qkey = ld.CKPT_KEYS[e][0]
                 if config.get(qkey):
                     report.warnings.append(f"{qkey} is set but dit_quantized is not true: it is not used")
+
+
+def _encoder_quant(config: GenerationConfig, folder: Path, comp: str) -> dict[str, str] | None:
+    """The quantized file of the text / CLIP encoder (t5_quantized, clip_quantized) as a run finds it;
+    raises (reported as this component's problem) when it is not there."""
+    from .models.encoder_quant import KEYS, quant_source
+
+    return quant_source(config, folder, comp) if comp in KEYS else None
 
 
 def _check_expert(config, folder: Path, fmt: str, task: str, family: str, experts, expert: str,

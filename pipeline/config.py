@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config_keys import KEYS, OURS, is_finite_number, key_problems
+from .config_keys import KEYS, OURS, encoder_scheme_problem, is_finite_number, key_problems
 from .errors import ConfigError
 from .parallel.layout import problems as parallel_problems
 
@@ -309,6 +309,10 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
     if values.get("vae_dtype") is not None and values["vae_dtype"] not in VAE_DTYPES:
         problems.append(f"config key 'vae_dtype': must be bf16 or fp32 (got {values['vae_dtype']!r}); "
                         f"fp16 decode is not offered (not measured against fp32)")
+    for flag, key in (("t5_quantized", "t5_quant_scheme"), ("clip_quantized", "clip_quant_scheme")):
+        why = encoder_scheme_problem(key, values.get(key)) if values.get(flag) is True else None
+        if why:  # read only with the flag true, as LightX2V reads it
+            problems.append(f"config key '{key}': {why}")
     if values.get("task") not in ("t2v", "i2v"):
         problems.append(f"config key 'task': must be t2v or i2v (got {values.get('task')!r})")
     if values.get("model_format") not in ("auto", "diffusers", "wan"):

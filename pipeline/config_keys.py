@@ -82,12 +82,34 @@ def _scheme(value: Any) -> str | None:
     return None
 
 
-def _quant_off(what: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        if value:
-            return f"a quantized {what} is not implemented: use the bf16 checkpoint ({what} loads in the run's dtype)"
+# LightX2V's quantized T5 / CLIP linears by t5_quant_scheme / clip_quant_scheme (models/input_encoders/hf/wan/
+# t5/model.py, xlm_roberta/model.py): every CUDA kernel below computes the same W8A8 product (per-channel weight
+# scale, per-token dynamic activation quantization), so each name is the weight format it reads.
+ENCODER_SCHEMES = {
+    **{s: "fp8" for s in ("fp8", "fp8-sgl", "fp8-vllm", "fp8-torchao", "fp8-q8f", "fp8-triton")},
+    **{s: "int8" for s in ("int8", "int8-vllm", "int8-torchao", "int8-q8f", "int8-triton")},
+}
+# Schemes LightX2V has only for other hardware (or none of its Wan encoders takes).
+ENCODER_HARDWARE = {
+    "int8-tmo": "Cambricon MLU's int8 kernel (torch_mlu_ops)",
+    "int8-npu": "Ascend NPU's int8 kernel (LightX2V's T5 only)",
+    "int8-iluvatar": "Iluvatar GPUs' int8 kernel (ixformer)",
+    "fp8-intel-xpu": "Intel XPU's weight-only fp8 kernel (w8a16: no activation quantization, another result)",
+    "int8-intel-xpu": "Intel XPU's weight-only int8 kernel (w8a16: no activation quantization, another result)",
+}
+
+
+def encoder_scheme_problem(key: str, scheme: Any) -> str | None:
+    """Why a t5_quant_scheme / clip_quant_scheme value is not run (None: it is)."""
+    if scheme in ENCODER_SCHEMES:
         return None
-    return check
+    if scheme is None:
+        flag = key.replace("_quant_scheme", "_quantized")
+        return f"{flag} is true but no {key} is given (LightX2V requires it: fp8-* or int8-*)"
+    if scheme in ENCODER_HARDWARE:
+        return f"{scheme} is {ENCODER_HARDWARE[scheme]}, not implemented here; use fp8-* or int8-* (same weights)"
+    return (f"{scheme!r} is not a scheme LightX2V's Wan encoders take (they raise NotImplementedError); "
+            f"implemented: {', '.join(sorted(ENCODER_SCHEMES))}")
 
 
 def _true_only(reason: str) -> Callable[[Any], str | None]:
@@ -140,10 +162,20 @@ KEYS: dict[str, Key] = {
     "dit_quantized_ckpt": _impl((str,), "Wan2.1: quantized DiT file (or a folder holding one)"),
     "high_noise_quantized_ckpt": _impl((str,), "Wan2.2: quantized high-noise expert file (or folder)"),
     "low_noise_quantized_ckpt": _impl((str,), "Wan2.2: quantized low-noise expert file (or folder)"),
-    "t5_quantized": _impl((bool,), "false only", _quant_off("T5 text encoder")),
-    "t5_quant_scheme": _impl((str,), "read only with t5_quantized true (as in LightX2V)"),
-    "clip_quantized": _impl((bool,), "false only", _quant_off("CLIP image encoder")),
-    "clip_quant_scheme": _impl((str,), "read only with clip_quantized true (as in LightX2V)"),
+    "t5_quantized": _impl((bool,), "the T5 encoder's fp8/int8 weights (t5_quantized_ckpt, or "
+                                   "models_t5_umt5-xxl-enc-{fp8,int8}.pth found under the model folder as LightX2V "
+                                   "finds it); its linears compute W8A8 like LightX2V's (per-token activation "
+                                   "quantization); part of the text key"),
+    "t5_quant_scheme": _impl((str,), "with t5_quantized: fp8, int8 or their kernel suffixes (-sgl, -vllm, -q8f, "
+                                     "-torchao, -triton: the same math); other hardware's kernels (int8-tmo, "
+                                     "int8-npu, int8-iluvatar, *-intel-xpu) are refused"),
+    "t5_quantized_ckpt": _impl((str,), "with t5_quantized: the quantized T5 file (LightX2V converter's .pth or "
+                                       ".safetensors)"),
+    "clip_quantized": _impl((bool,), "the CLIP image encoder's fp8/int8 weights (clip_quantized_ckpt, or "
+                                     "models_clip_open-clip-xlm-roberta-large-vit-huge-14-{fp8,int8}.pth under the "
+                                     "model folder); W8A8 linears like LightX2V's; part of the image key"),
+    "clip_quant_scheme": _impl((str,), "with clip_quantized: as t5_quant_scheme"),
+    "clip_quantized_ckpt": _impl((str,), "with clip_quantized: the quantized CLIP file (.pth or .safetensors)"),
     "num_channels_latents": _impl((int,), "16 (the Wan2.1 / Wan2.2 A14B VAE)",
                                   lambda v: None if v in (None, 16) else f"num_channels_latents {v} {_TI2V}"),
     "vae_stride": _impl((list,), "[4, 8, 8] (the Wan2.1 / Wan2.2 A14B VAE)",
@@ -208,8 +240,6 @@ KEYS: dict[str, Key] = {
     "use_tae": _refused("LightX2V's tiny VAE (LightTAE) is not implemented"),
     "tae_path": _refused("LightX2V's tiny VAE (LightTAE) is not implemented"),
     "use_tiny_vae": _refused("LightX2V's tiny VAE (LightTAE) is not implemented"),
-    "t5_quantized_ckpt": _refused("a quantized T5 is not implemented: use the bf16 checkpoint"),
-    "clip_quantized_ckpt": _refused("a quantized CLIP is not implemented: use the model folder's CLIP"),
     "t5_original_ckpt": _refused(_COMPONENT_PATH), "t5_tokenizer_path": _refused(_COMPONENT_PATH),
     "clip_original_ckpt": _refused(_COMPONENT_PATH), "vae_path": _refused(_COMPONENT_PATH),
     "general_sparse_attn_setting": _refused("settings of a sparse attention kernel, which is not implemented"),

@@ -165,7 +165,8 @@ def check_health(config) -> list[Line]:
                     n, problems, enc = _dit_check(ref, comp)
                     what = f"{n} tensors ({enc})"
                 else:  # raises CheckpointError naming the file and keys on a mismatch: reported below
-                    n, problems = check_component(Path(ref.path), ref.format, comp).tensors, []
+                    n = check_component(Path(ref.path), ref.format, comp, ref.encoders.get(comp)).tensors
+                    problems = []
                     what = f"{n} tensors"
             except WanBatchError as e:
                 lines.append(Line("fail", f"{task} {comp}: {e}"))

@@ -93,7 +93,20 @@ def test_arguments_for_other_model_families_are_refused(tmp_path, pipe):
         pipe.generate(prompt="x", sr_ratio=4.0, save_result_path=tmp_path / "x.mp4")
     with pytest.raises(WanBatchError, match="skip_fp8_block_index"):
         pipe.enable_quantize(skip_fp8_block_index=[0, 43])
+    with pytest.raises(WanBatchError, match="text_encoder_quant_scheme"):
+        pipe.enable_quantize(text_encoder_quantized=True, text_encoder_quant_scheme="int8")
     with pytest.raises(WanBatchError, match="support_tasks"):
         LightX2VPipeline(model_path="builtin:tiny", task="t2v", support_tasks=["t2av"])
     with pytest.raises(WanBatchError, match="resize_mode"):
         LightX2VPipeline(model_path="builtin:tiny", task="t2v", work_dir=tmp_path).create_generator(resize_mode="adaptive")
+
+
+def test_enable_quantize_gives_the_encoders_quant_scheme(tmp_path):
+    """LightX2V's Wan branch of enable_quantize: t5_quant_scheme and clip_quant_scheme are quant_scheme."""
+    from pipeline.api import LightX2VPipeline
+
+    pipe = LightX2VPipeline(model_path="builtin:tiny", task="t2v")
+    pipe.enable_quantize(text_encoder_quantized=True, image_encoder_quantized=True, quant_scheme="int8-q8f")
+    v = pipe.values
+    assert (v["t5_quantized"], v["t5_quant_scheme"], v["clip_quantized"], v["clip_quant_scheme"]) == \
+        (True, "int8-q8f", True, "int8-q8f")

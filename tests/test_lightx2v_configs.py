@@ -90,9 +90,53 @@ def quantized_copy(models: Path, cls: str, task: str, kind: str) -> Path:
     return out
 
 
+def with_quantized_encoders(base: Path, kinds: dict[str, str]) -> Path:
+    """A copy of a stand-in model holding LightX2V's quantized T5 / CLIP files (written as its converter
+    writes them) where LightX2V finds them for a config with t5_quantized / clip_quantized and no
+    *_quantized_ckpt: here in the model folder's fp8/ or int8/."""
+    from pipeline.models import wan_layout as wl
+    from pipeline.testing.standins import write_clip, write_quantized_encoder, write_t5
+
+    out = base.with_name(base.name + "".join(f"-{c}{k}" for c, k in sorted(kinds.items())))
+    if out.is_dir():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    src = tmp / "wan-sources"  # a diffusers-layout model has no Wan .pth to convert: write it from its folders
+    for comp, kind in kinds.items():
+        name = wl.T5_FILE if comp == "t5" else wl.CLIP_FILE
+        if comp == "clip" and not (tmp / name).is_file() and not (tmp / "image_encoder").is_dir():
+            continue  # no image encoder: LightX2V loads none, so clip_quantized is not read
+        original = tmp / name
+        if not original.is_file():
+            src.mkdir(exist_ok=True)
+            original = src / name
+            if comp == "t5":
+                write_t5(tmp / "text_encoder", tmp / "tokenizer", src)
+            else:
+                write_clip(tmp / "image_encoder", src)
+        target = (f"models_t5_umt5-xxl-enc-{kind}.pth" if comp == "t5"
+                  else f"models_clip_open-clip-xlm-roberta-large-vit-huge-14-{kind}.pth")
+        (tmp / kind).mkdir(exist_ok=True)
+        write_quantized_encoder(original, tmp / kind / target, kind)
+    shutil.rmtree(src, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def model_for(models: Path, cls: str, task: str, raw: dict | None = None) -> Path:
-    """The stand-in --model-path for a config (a quantized one when it says dit_quantized and names no file)."""
+    """The stand-in --model-path for a config (a quantized one when it says dit_quantized and names no file;
+    with quantized T5 / CLIP files when it says t5_quantized / clip_quantized and names none)."""
     raw = raw or {}
+    base = _base_model(models, cls, task, raw)
+    kinds = {comp: str(raw.get(f"{comp}_quant_scheme")).split("-")[0] for comp in ("t5", "clip")
+             if raw.get(f"{comp}_quantized") is True and not raw.get(f"{comp}_quantized_ckpt")
+             and str(raw.get(f"{comp}_quant_scheme")).startswith(("fp8", "int8"))}
+    return with_quantized_encoders(base, kinds) if kinds else base
+
+
+def _base_model(models: Path, cls: str, task: str, raw: dict) -> Path:
     scheme = str(raw.get("dit_quant_scheme") or "")
     if (raw.get("dit_quantized") and scheme.startswith(("fp8", "int8"))
             and not any(raw.get(k) for k in ("dit_quantized_ckpt", "high_noise_quantized_ckpt",

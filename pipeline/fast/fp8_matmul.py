@@ -48,6 +48,19 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Tens
     return q.to(dtype), scale
 
 
+def quantize_tokens(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (per-row) activation quantization as LightX2V's kernels do it: fp8 divides by absmax / 448
+    (its triton and torchao kernels), int8 multiplies by 127 / absmax and rounds half to even (vllm's
+    scaled_int8_quant, torchao; LightX2V's own int8 triton kernel multiplies the same way). The two int8 forms
+    differ on values that land on a rounding boundary, which bf16-valued inputs often do."""
+    if dtype == FP8:
+        return quantize_rows(x, dtype)
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS)
+    q = (xf * (INT8_MAX / absmax)).round().clamp(-128, 127)
+    return q.to(torch.int8), absmax / INT8_MAX
+
+
 def quantize_weight(weight: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel weight quantization ([out, in] -> q [out, in], scale [out, 1] fp32), the layout of
     LightX2V's scaled-fp8 / int8 checkpoints."""
@@ -57,17 +70,17 @@ def quantize_weight(weight: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[tor
 def _quantizer(dtype: torch.dtype) -> Callable:
     """The activation quantizer for eager calls: one fused kernel (compiled once per dtype), or plain ops."""
     if torch.compiler.is_compiling():
-        return lambda x: quantize_rows(x, dtype)  # traced into the caller's graph and fused there
+        return lambda x: quantize_tokens(x, dtype)  # traced into the caller's graph and fused there
     key = str(dtype)
     if key not in _compiled:
         from .accel import use_compile_cache
 
         use_compile_cache()  # before this process's first compile: the caches' directory is read then
         try:
-            _compiled[key] = torch.compile(lambda x: quantize_rows(x, dtype), dynamic=True)
+            _compiled[key] = torch.compile(lambda x: quantize_tokens(x, dtype), dynamic=True)
         except Exception as e:  # noqa: BLE001 - compile unavailable: eager ops are correct, only slower
             _warn_once("compile", "activation quantization runs unfused (torch.compile unavailable: %s)", e)
-            _compiled[key] = lambda x: quantize_rows(x, dtype)
+            _compiled[key] = lambda x: quantize_tokens(x, dtype)
     return _compiled[key]
 
 
@@ -169,6 +182,35 @@ def scaled_int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale:
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype).reshape(*shape[:-1], -1)
+
+
+def w8a8_reference(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The W8A8 product on any device: the activation quantized per token to the weight's dtype
+    (quantize_tokens, as LightX2V's kernels do it), the quantized values multiplied in float32 (exact products, fp32
+    accumulation like the tensor-core kernels), both scales applied to the result. Returns x's dtype."""
+    shape = x.shape
+    xq, xs = quantize_tokens(x.reshape(-1, shape[-1]), weight_q.dtype)
+    acc = xq.float() @ weight_q.float().t()
+    y = acc * xs * weight_scale.reshape(1, -1).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], -1)
+
+
+def w8a8_linear(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LightX2V's text/image-encoder quantized linears (q_linear.py: sgl, vllm, q8f, torchao, triton kernels):
+    weight and activation both 8-bit, the activation quantized per token on every call. On a GPU with the
+    kernels this is scaled_fp8_linear / scaled_int8_linear; elsewhere (and for int8 products of <= 16 rows,
+    which _int_mm refuses) w8a8_reference computes the same numbers, activation quantization included, so a CPU
+    run gives what the quantized encoder gives, not what the bf16 encoder would."""
+    kind = "fp8" if weight_q.dtype == FP8 else "int8"
+    rows = x.numel() // max(x.shape[-1], 1)
+    if _fast_ok(x, weight_q, kind) and (kind == "fp8" or rows > 16):
+        fn = scaled_fp8_linear if kind == "fp8" else scaled_int8_linear
+        return fn(x, weight_q, weight_scale, bias).to(x.dtype)  # fp32 x (the CLIP encoder): fp32 out, as below
+    return w8a8_reference(x, weight_q, weight_scale, bias)
 
 
 class QuantLinear(torch.nn.Module):

@@ -9,6 +9,8 @@ layout (wan_layout.py). A DiT expert's weights can instead come from a LightX2V 
 (`*_original_ckpt`: bf16 distilled; `*_quantized_ckpt` with `dit_quantized`: scaled fp8 / int8 safetensors, or a
 GGUF file for `dit_quant_scheme` gguf-*); its architecture is always the base model's config.
 Components: text, vae, high, low (Wan2.2 A14B experts), single (Wan2.1's DiT), clip (Wan2.1 I2V image encoder).
+The text and clip encoders can instead load LightX2V's quantized files (t5_quantized / clip_quantized:
+encoder_quant.py); their fingerprint then names that file and its weight format.
 """
 from __future__ import annotations
 
@@ -68,18 +70,21 @@ class ModelRef:
     loras: dict[str, list[dict[str, Any]]] = field(default_factory=dict, hash=False)
     quant_scheme: str | None = None
     image_encoder: bool = False  # the DiT takes CLIP image features (Wan2.1 I2V)
+    # text / clip -> their quantized file (t5_quantized, clip_quantized): encoder_quant.quant_source's dict
+    encoders: dict[str, dict[str, str]] = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "task": self.task, "format": self.format, "family": self.family,
                 "experts": list(self.experts), "boundary_ratio": self.boundary_ratio, "dits": self.dits,
-                "loras": self.loras, "quant_scheme": self.quant_scheme, "image_encoder": self.image_encoder}
+                "loras": self.loras, "quant_scheme": self.quant_scheme, "image_encoder": self.image_encoder,
+                "encoders": self.encoders}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelRef":
         return cls(path=d["path"], task=d["task"], format=d["format"], family=d.get("family", "wan2.2"),
                    experts=tuple(d.get("experts", ("high", "low"))), boundary_ratio=d.get("boundary_ratio"),
                    dits=d.get("dits", {}), loras=d.get("loras", {}), quant_scheme=d.get("quant_scheme"),
-                   image_encoder=bool(d.get("image_encoder", False)))
+                   image_encoder=bool(d.get("image_encoder", False)), encoders=d.get("encoders", {}))
 
     @property
     def index(self) -> dict[str, Any]:
@@ -244,7 +249,8 @@ def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
     ref = ModelRef(path=str(folder), task=task, format=fmt, family=family, experts=experts,
                    boundary_ratio=boundary, dits=dits,
                    loras={e: [s.to_dict() for s in specs] for e, specs in loras.items()},
-                   quant_scheme=scheme, image_encoder=image_encoder)
+                   quant_scheme=scheme, image_encoder=image_encoder,
+                   encoders=encoder_sources(config, folder, image_encoder))
     if config.get("lazy_load") and config.get("cpu_offload"):  # refused when read, as at run time
         from .lazy import lora_refusal
 
@@ -252,6 +258,20 @@ def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
             if lora_refusal(ref, e):
                 raise CheckpointError(lora_refusal(ref, e))
     return ref
+
+
+def encoder_sources(config: GenerationConfig, folder: Path, image_encoder: bool) -> dict[str, dict[str, str]]:
+    """The quantized T5 / CLIP files the config asks for (t5_quantized, clip_quantized), found as LightX2V finds
+    them. CLIP only for a model that has the image encoder: LightX2V loads none for the others, so their
+    clip_quantized is not read."""
+    from .encoder_quant import quant_source
+
+    out = {}
+    for comp in ("text", *(("clip",) if image_encoder else ())):
+        src = quant_source(config, folder, comp)
+        if src:
+            out[comp] = src
+    return out
 
 
 def model_cls_mismatch(model_cls: str | None, family: str, folder: Path) -> str | None:
@@ -302,6 +322,11 @@ def component_files(ref: ModelRef, component: str) -> list[Path]:
         if component not in ref.experts:
             raise CheckpointError(f"model {ref.path} has no {component} expert (it has {', '.join(ref.experts)})")
         return dit_weight_files(ref, component) + [Path(ref.dits[component]["config"])]
+    if component in ref.encoders:  # the quantized file replaces the encoder's weights, not its tokenizer
+        from .encoder_quant import arch_files, weight_files
+
+        src = ref.encoders[component]
+        return weight_files(src["weights"]) + arch_files(folder, ref.format, component, src)
     if ref.format == "diffusers":
         files: list[Path] = []
         for sub in COMPONENTS[component]:
@@ -355,6 +380,8 @@ def fingerprint(ref: ModelRef, component: str) -> str:
             doc["quant"] = ref.quant_scheme
             doc["loras"] = [[_file_identity(Path(s["path"])), s["strength"], s.get("alpha")]
                             for s in ref.loras.get(component, []) if s["strength"] != 0]
+        elif component in ref.encoders:  # the weight format: every kernel suffix computes the same numbers
+            doc["quant"] = ref.encoders[component]["kind"]
         _fingerprints[memo] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
     return _fingerprints[memo]
 
@@ -446,6 +473,13 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
     (processor, encoder) pair)."""
     folder = Path(ref.path)
     try:
+        if component in ref.encoders:  # t5_quantized / clip_quantized (CLIP in float32 as below)
+            from . import encoder_quant
+
+            load = encoder_quant.load_t5 if component == "text" else encoder_quant.load_clip
+            first, encoder = load(folder, ref.format, ref.encoders[component],
+                                  dtype if component == "text" else torch.float32)
+            return first, own_aligned_memory(encoder.to(device).eval())
         if component == "text":
             if ref.format == "wan":
                 tokenizer, encoder = wl.load_t5(folder, dtype)

@@ -126,3 +126,12 @@ class ScaledLinear(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.scheme}, loras={len(self.lora_scales)}"
+
+
+class W8A8Linear(ScaledLinear):
+    """A scaled fp8 / int8 layer of a quantized text or image encoder: LightX2V's encoder linears quantize the
+    activation per token on every device (q_linear.py), so this one does too (fp8_matmul.w8a8_linear), where the
+    DiT's layers dequantize off the GPU."""
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_matmul.w8a8_linear(x, self.weight, self.weight_scale, self.bias)

@@ -18,9 +18,14 @@ class Verified:
     description: str  # what they are, for a report line
 
 
-def check_component(folder: Path, fmt: str, comp: str) -> Verified:
+def check_component(folder: Path, fmt: str, comp: str, quant: dict[str, str] | None = None) -> Verified:
     """Check a non-DiT component's files (names and shapes, on the meta device: nothing is loaded) against
-    its architecture; raises CheckpointError naming the file and the keys."""
+    its architecture; raises CheckpointError naming the file and the keys. `quant`: the component's quantized
+    file (t5_quantized / clip_quantized, encoder_quant.quant_source), which replaces its weights."""
+    if quant:
+        from .encoder_quant import describe
+
+        return Verified(*describe(folder, fmt, comp, quant))
     if fmt == "wan":
         return {"text": _wan_t5, "vae": _wan_vae, "clip": _wan_clip}[comp](folder)
     return _diffusers_component(folder, comp)

@@ -390,7 +390,7 @@ def clip_config(weights_path: Path) -> dict[str, Any]:
 
 def load_clip(folder: Path, dtype: torch.dtype):
     """(CLIPImageProcessor, CLIPVisionModel) from Wan's open-clip .pth (only the visual tower is used)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from .checkpoint import load_pth
 
@@ -398,9 +398,14 @@ def load_clip(folder: Path, dtype: torch.dtype):
     cfg = CLIPVisionConfig(**clip_config(path))
     model = CLIPVisionModel(cfg)
     model.load_state_dict(convert_clip(load_pth(path), model, str(path)), strict=True)
-    processor = CLIPImageProcessor(size={"shortest_edge": cfg.image_size},
-                                   crop_size={"height": cfg.image_size, "width": cfg.image_size})
-    return processor, model.to(dtype).eval()
+    return clip_processor(cfg.image_size), model.to(dtype).eval()
+
+
+def clip_processor(image_size: int):
+    """Wan's CLIP preprocessing as transformers' CLIPImageProcessor (the .pth carries no processor config)."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
 def clip_prefix(model) -> str:
@@ -410,6 +415,14 @@ def clip_prefix(model) -> str:
 
 def convert_clip(sd: dict[str, torch.Tensor], model, source: str) -> dict[str, torch.Tensor]:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out = map_clip(sd, model)
+    check_shapes(out, expected, source)
+    return out
+
+
+def map_clip(sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """Wan's visual-tower keys -> CLIPVisionModel's (to_qkv split in three; the identity post-norm and the
+    position ids added); other towers' keys are dropped. No shape check (convert_clip does it)."""
     pre = clip_prefix(model)
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
@@ -432,10 +445,9 @@ def convert_clip(sd: dict[str, torch.Tensor], model, source: str) -> dict[str, t
     width = model.config.hidden_size
     out.setdefault(f"{pre}post_layernorm.weight", torch.ones(width))
     out.setdefault(f"{pre}post_layernorm.bias", torch.zeros(width))
-    for k in expected:
+    for k, v in model.state_dict().items():
         if k.endswith("position_ids"):
-            out.setdefault(k, model.state_dict()[k])
-    check_shapes(out, expected, source)
+            out.setdefault(k, v)
     return out
 
 

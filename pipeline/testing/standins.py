@@ -545,6 +545,77 @@ def write_clip(image_encoder_dir: Path, out: Path) -> None:
     _write_json(out / (wl.CLIP_FILE + ".config.json"), {k: cfg[k] for k in keep if k in cfg})
 
 
+# ------------------------------------------------------------- T5 / CLIP through LightX2V's converter
+# tools/convert/converter.py's model_type_keys_map: a 2-D tensor is quantized when key.split(".")[key_idx] is a
+# target; keys holding an ignore_key are dropped. Written here from the converter, not taken from the loader.
+CONVERTER_MODEL_TYPES = {"wan_t5": (2, ("attn", "ffn"), ()), "wan_clip": (3, ("attn", "mlp"), ("textual",))}
+
+
+def qtorch_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """qtorch's float_quantize(x, exp=4, man=3, rounding="nearest") (qtorch 0.3, which the converter calls) on
+    float32 values, bit for bit: the magnitude rounded half away from zero to 3 mantissa bits (half an ulp
+    added to the bit pattern, then truncated); below 2^-6 the value is shifted by 2^-6 first, which puts
+    subnormals on the 2^-9 grid; exponents above 8 saturate (unreachable after the converter's clip to 448)."""
+    x = x.float().contiguous()
+    bits = x.view(torch.int32)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    mask, half = (1 << 20) - 1, 1 << 19
+
+    def round_bits(b: torch.Tensor) -> torch.Tensor:
+        return (b + half) & ~mask
+
+    normal = round_bits(bits)
+    too_big = ((normal >> 23) & 0xFF) > 127 + 8
+    normal = torch.where(too_big, torch.copysign(torch.tensor(480.0), x), normal.view(torch.float32))
+    shift = torch.where(bits < 0, -(2.0 ** -6), 2.0 ** -6).float()
+    shifted = round_bits((x + shift).view(torch.int32)).view(torch.float32) - shift
+    return torch.where(exponent < -6, shifted, normal)
+
+
+def converter_quantize(state: dict[str, torch.Tensor], model_type: str, linear_type: str,
+                       non_linear_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """converter.py --quantized --linear_type fp8|int8 --model_type wan_t5|wan_clip (quantize_model and
+    tools/convert/quant/quant.py), computed as it computes: the scale is the row's absmax clamped at 1e-5
+    divided by 127 / 448, in the source tensor's dtype (Wan's bf16 T5 gives bf16 scales), saved as
+    `<key>_scale` [out, 1]; int8: round(w / scale) clamped to [-128, 127]; fp8: w / scale clipped to +-448 in
+    the source dtype, then qtorch's rounding, then float8_e4m3fn. Other tensors are cast to non_linear_dtype."""
+    key_idx, targets, ignore = CONVERTER_MODEL_TYPES[model_type]
+    out: dict[str, torch.Tensor] = {}
+    for key, w in state.items():
+        if any(ig in key for ig in ignore):
+            continue
+        parts = key.split(".")
+        if w.dim() != 2 or len(parts) < key_idx + 1 or parts[key_idx] not in targets:
+            out[key] = w.to(non_linear_dtype)
+            continue
+        max_val = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
+        if linear_type == "int8":
+            scales = max_val / 127
+            q = torch.clamp(torch.round(w / scales), -128, 127).to(torch.int8)
+        else:
+            finfo = torch.finfo(FP8)
+            scales = max_val / finfo.max
+            scaled = torch.clip(w / scales, finfo.min, finfo.max)
+            q = qtorch_e4m3(scaled.float()).to(FP8)
+        out[key] = q
+        out[key + "_scale"] = scales.view(w.shape[0], -1)
+    return out
+
+
+def write_quantized_encoder(source: Path, out: Path, linear_type: str) -> Path:
+    """LightX2V's quantized T5 or CLIP file (`-o_e .pth`, as tools/convert/readme.md converts them) from Wan's
+    .pth: non-linear tensors bf16 for T5, fp16 for CLIP, as the readme's commands set --non_linear_dtype."""
+    clip = source.name == wl.CLIP_FILE
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    q = converter_quantize(state, "wan_clip" if clip else "wan_t5", linear_type,
+                           torch.float16 if clip else torch.bfloat16)
+    if out.suffix == ".safetensors":  # the converter's default output (--single_file)
+        _save_safetensors(q, out)
+    else:
+        _save_pth(q, out)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- layouts
 def write_wan_layout(src: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
     """Wan's original layout of a diffusers-layout model (Wan2.2 A14B pair or Wan2.1 single DiT)."""
