@@ -108,7 +108,7 @@ def test_workers_pass_model_path_to_each_worker():
     ({"feature_caching": "Tea"}, "config key 'teacache_thresh': required with feature_caching 'Tea'"),
     ({"changing_resolution": True}, "config key 'changing_resolution': not supported"),
     ({"teacache_thresh": 0.2}, "config key 'teacache_thresh': only read with feature_caching 'Tea'"),
-    ({"use_tae": True}, "tiny VAE"),
+    ({"use_lightvae": True}, "config key 'use_lightvae': not supported: LightX2V's LightVAE"),
     ({"t5_quantized": True, "t5_quant_scheme": "fp8"}, "config key 't5_quantized': not supported: a quantized T5"),
     ({"self_attn_1_type": "radial_attn"}, "sparse attention"),
     ({"model_cls": "wan2.2_animate"}, "Wan2.2 Animate model class"),
