@@ -165,8 +165,12 @@ class WanBatchPipeline:
         self._changed()
 
     def enable_lightvae(self, use_lightvae=False, use_tae=False, vae_path=None, tae_path=None) -> None:
+        """LightX2V's enable_lightvae: use_tae with a tae_path naming a lighttae file (LightX2V's
+        lighttaew2_1, trained on un-normalized latents) also sets need_scaled, as LightX2V does for Wan."""
         self.values.update(use_lightvae=use_lightvae, use_tae=use_tae,
-                           **({"vae_path": vae_path} if vae_path else {}), **({"tae_path": tae_path} if tae_path else {}))
+                           **({"vae_path": vae_path} if vae_path else {}), **({"tae_path": str(Path(tae_path).resolve())} if tae_path else {}))
+        if use_tae and tae_path and "lighttae" in str(tae_path):
+            self.values["need_scaled"] = True
         self._changed()
 
     def enable_cache(self, cache_method="Tea", coefficients=(), teacache_thresh=0.15, use_ret_steps=False,

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import BUILTIN_TINY, GenerationConfig, default_config_path, parse_config, read_raw
+from .config import BUILTIN_TINY, GenerationConfig, default_config_path, parse_config, read_raw, tae_warnings
 from .config_keys import classify
 from .errors import CheckpointError, ConfigError
 from .models import loader as ld
 from .models.verify import check_component
 
 COMPONENT_NAMES = {"text": "T5 text encoder", "vae": "VAE", "high": "high-noise DiT", "low": "low-noise DiT",
-                   "single": "DiT", "clip": "CLIP image encoder"}
+                   "single": "DiT", "clip": "CLIP image encoder", "tae": "tiny VAE"}
 
 
 def show(path: str | Path) -> str:
@@ -56,7 +56,7 @@ def classify_keys(raw: dict[str, Any]) -> dict[str, list[str]]:
 
 PATH_KEYS = ("model_path", "i2v_model_path", "dit_original_ckpt", "high_noise_original_ckpt",
              "low_noise_original_ckpt", "dit_quantized_ckpt", "high_noise_quantized_ckpt", "low_noise_quantized_ckpt",
-             "t5_quantized_ckpt", "clip_quantized_ckpt")
+             "t5_quantized_ckpt", "clip_quantized_ckpt", "tae_path")
 
 
 def check_config(path: str | Path, model_path: str | None = None) -> Report:
@@ -81,6 +81,7 @@ def check_config(path: str | Path, model_path: str | None = None) -> Report:
     except ConfigError as e:
         report.problems += e.problems
         return report  # a config run refuses is not checked further: the run would not get that far
+    report.warnings += tae_warnings(config.values)
     for key in PATH_KEYS:
         value = config.get(key)
         if not value or value == BUILTIN_TINY:
@@ -140,6 +141,10 @@ def _check_model(config: GenerationConfig, key: str, report: Report) -> None:
         if mismatch:
             report.problems.append(mismatch)
         for comp in ("text", "vae", *(("clip",) if image_encoder else ())):
+            if comp == "vae" and config.get("use_tae") and task == "t2v":
+                # LightX2V loads no VAE for a T2V run with use_tae (the encoder is for I2V only)
+                report.lines.append(f"  {comp:<6} not used: use_tae decodes with the tiny VAE")
+                continue
             desc = _attempt(report, lambda: check_component(folder, fmt, comp, _encoder_quant(config, folder, comp))
                             .description, f"{COMPONENT_NAMES[comp]}: ")
             if desc:
@@ -147,6 +152,8 @@ def _check_model(config: GenerationConfig, key: str, report: Report) -> None:
         for flag, ckpt in (("t5_quantized", "t5_quantized_ckpt"), ("clip_quantized", "clip_quantized_ckpt")):
             if config.get(ckpt) and config.get(flag) is not True:
                 report.warnings.append(f"{ckpt} is set but {flag} is not true: it is not used")
+        if config.get("use_tae"):
+            _check_tae(config, folder, report)
         for expert in experts:
             _check_expert(config, folder, fmt, task, family, experts, expert, scheme, loras.get(expert, []), report)
         if not config.get("dit_quantized"):
@@ -162,6 +169,20 @@ def _encoder_quant(config: GenerationConfig, folder: Path, comp: str) -> dict[st
     from .models.encoder_quant import KEYS, quant_source
 
     return quant_source(config, folder, comp) if comp in KEYS else None
+
+
+def _check_tae(config: GenerationConfig, folder: Path, report: Report) -> None:
+    from .models.tae import check_tae, find_tae
+
+    found = _attempt(report, lambda: find_tae(config, folder), "tiny VAE: ")
+    if found is None:
+        return
+    path, how = found
+    desc = _attempt(report, lambda: check_tae(Path(path)), "tiny VAE: ")
+    if desc:
+        scaled = ("need_scaled: the latents un-normalized first" if config.get("need_scaled")
+                  else "the latents as the DiT makes them")
+        report.lines.append(f"  tae    {show(path)} [{desc}; {scaled}] ({how})")
 
 
 def _check_expert(config, folder: Path, fmt: str, task: str, family: str, experts, expert: str,

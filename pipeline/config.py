@@ -319,7 +319,26 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | N
         problems.append(f"config key 'model_format': must be auto, diffusers or wan (got {values.get('model_format')!r})")
     if problems:
         raise ConfigError(source, problems)
+    for warning in tae_warnings(values):
+        log.warning("config %s: %s", source, warning)
     return GenerationConfig(values=values, source=source, base_dir=base_dir or Path.cwd())
+
+
+def tae_warnings(values: dict[str, Any]) -> list[str]:
+    """Tiny VAE keys that do nothing as set (LightX2V reads them the same way): said, not refused."""
+    out = []
+    if not values.get("use_tae"):
+        out += [f"config key '{k}' is only read with use_tae true: it is not used" for k in ("tae_path", "need_scaled")
+                if values.get(k)]
+        return out
+    if values.get("vae_dtype") is not None:
+        out.append("config key 'vae_dtype' does not apply to the tiny VAE decode (use_tae): it runs in the run's "
+                   "dtype (LightX2V runs it in bfloat16)")
+    name = Path(str(values.get("tae_path") or "")).name
+    if "lighttae" in name and not values.get("need_scaled"):
+        out.append(f"tae_path {name} is LightX2V's lighttae, which expects un-normalized latents: LightX2V's "
+                   f"enable_lightvae sets need_scaled true for it, a JSON config must set it itself (it is false)")
+    return out
 
 
 def component_device(component: str, runtime: dict[str, Any], device: Any) -> Any:

@@ -237,9 +237,23 @@ KEYS: dict[str, Key] = {
     "resolution_rate": _refused("a parameter of changing_resolution, which is not implemented"),
     "use_tiling_vae": _impl((bool,), "tiled VAE encode and decode (diffusers' AutoencoderKLWan tiling: 256-px "
                                      "tiles, 192-px stride; frames above 256 px differ slightly at the seams)"),
-    "use_tae": _refused("LightX2V's tiny VAE (LightTAE) is not implemented"),
-    "tae_path": _refused("LightX2V's tiny VAE (LightTAE) is not implemented"),
-    "use_tiny_vae": _refused("LightX2V's tiny VAE (LightTAE) is not implemented"),
+    "use_tae": _impl((bool,), "decode with LightX2V's tiny VAE (TAEHV: taew2_1.pth, lighttaew2_1.safetensors) "
+                              "instead of the Wan VAE's decoder; the I2V image encode keeps the full VAE (as "
+                              "LightX2V); it runs in the run's dtype on the run's device, untiled "
+                              "(pipeline/models/tae.py); part of the decode key"),
+    "tae_path": _impl((str,), "the tiny VAE file (.pth, weights only, or .safetensors); unset: taew2_1.pth under "
+                              "the model folder, looked for as LightX2V does (distill_int8/, distill_fp8/, "
+                              "distill_models/, int8/, fp8/, original/, then the folder); read only with use_tae"),
+    "need_scaled": _impl((bool,), "with use_tae: un-normalize the latents with the Wan2.1 VAE's mean and std "
+                                  "before the tiny VAE (LightX2V's lighttaew2_1 expects that, madebyollin's "
+                                  "taew2_1 does not; LightX2V's enable_lightvae sets it for a lighttae file)"),
+    "use_lightvae": _impl((bool,), "false only", lambda v: (
+        "LightX2V's LightVAE (the Wan VAE with 75% of its channels pruned, lightvaew2_1) is not implemented: the "
+        "full Wan VAE encodes and decodes (use_tae true swaps in the tiny decoder)") if v else None),
+    "use_tiny_vae": _refused("LightX2V's former name of use_tae (its old runner read use_tiny_vae and "
+                             "tiny_vae_path); LightX2V no longer reads it: set use_tae and tae_path"),
+    "tiny_vae_path": _refused("LightX2V's former name of tae_path, no longer read by LightX2V: set use_tae and "
+                              "tae_path"),
     "t5_original_ckpt": _refused(_COMPONENT_PATH), "t5_tokenizer_path": _refused(_COMPONENT_PATH),
     "clip_original_ckpt": _refused(_COMPONENT_PATH), "vae_path": _refused(_COMPONENT_PATH),
     "general_sparse_attn_setting": _refused("settings of a sparse attention kernel, which is not implemented"),
@@ -267,7 +281,8 @@ KEYS: dict[str, Key] = {
     "seq_parallel": _refused("LightX2V derives it from `parallel`: set parallel.seq_p_size instead"),
     "cfg_parallel": _refused("LightX2V derives it from `parallel`: set parallel.cfg_p_size instead"),
     "vae_dtype": _impl((str,), "VAE decode precision: bf16 (autocast, weights stay fp32) or fp32; LightX2V's "
-                               "spellings (bf16, BF16, torch.bfloat16, fp32, ...); part of the decode key"),
+                               "spellings (bf16, BF16, torch.bfloat16, fp32, ...); part of the decode key; not "
+                               "read by the tiny VAE (use_tae), as in LightX2V"),
     "infer_dtype": _refused("the run's dtype is our key `dtype`"),
     "clip_embed_dim": _refused(_ARCH),
     "dim": _refused(_ARCH), "eps": _refused(_ARCH), "ffn_dim": _refused(_ARCH), "freq_dim": _refused(_ARCH),

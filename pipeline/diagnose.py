@@ -157,13 +157,17 @@ def check_health(config) -> list[Line]:
             continue
         lines.append(Line("info", f"{task}: {ref.format} layout at {ref.path} ({getattr(ref, 'family', '?')}, "
                                   f"experts: {', '.join(ref.experts)})"))
-        for comp in _components(ref):
+        for comp in _components(ref) + (["tae"] if ref.tae else []):  # use_tae: the tiny VAE file too
             try:
                 files = component_files(ref, comp)
                 size = sum(f.stat().st_size for f in files)
                 if comp in ref.experts:
                     n, problems, enc = _dit_check(ref, comp)
                     what = f"{n} tensors ({enc})"
+                elif comp == "tae":
+                    from .models.tae import check_tae
+
+                    problems, what = [], check_tae(files[0])
                 else:  # raises CheckpointError naming the file and keys on a mismatch: reported below
                     n = check_component(Path(ref.path), ref.format, comp, ref.encoders.get(comp)).tensors
                     problems = []

@@ -167,6 +167,12 @@ class Planner:
             upstream = {**texts, **image, **({"prev": prev} if prev else {})}
             prev = StageSpec(f"denoise-{expert}", params, upstream, model=self._component(ref, expert),
                              runtime=self.runtime)
+        if ref.tae:  # use_tae: LightX2V's tiny VAE decodes, in the run's dtype (vae_dtype is the VAE's)
+            decode_params = {"fps": v["fps"], "crf": v["video_crf"], "vae": fingerprint(ref, "tae"),
+                             "decoder": "tae", "need_scaled": bool(v.get("need_scaled")),
+                             "dtype": self.runtime["dtype"]}
+            return StageSpec("decode", decode_params, {"latents": prev}, model=self._component(ref, "tae"),
+                             runtime=self.runtime)
         decode_params = {"fps": v["fps"], "crf": v["video_crf"], "vae": fingerprint(ref, "vae")}
         if VAE_DTYPES.get(v.get("vae_dtype") or "fp32") == "bfloat16":  # only then: fp32 keys stay as they were
             decode_params["vae_dtype"] = "bfloat16"

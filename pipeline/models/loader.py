@@ -8,7 +8,8 @@ Base layouts: diffusers (Wan-AI/*-Diffusers and the embedded tiny model; from_pr
 layout (wan_layout.py). A DiT expert's weights can instead come from a LightX2V single file
 (`*_original_ckpt`: bf16 distilled; `*_quantized_ckpt` with `dit_quantized`: scaled fp8 / int8 safetensors, or a
 GGUF file for `dit_quant_scheme` gguf-*); its architecture is always the base model's config.
-Components: text, vae, high, low (Wan2.2 A14B experts), single (Wan2.1's DiT), clip (Wan2.1 I2V image encoder).
+Components: text, vae, high, low (Wan2.2 A14B experts), single (Wan2.1's DiT), clip (Wan2.1 I2V image encoder),
+tae (LightX2V's tiny VAE decoder, config use_tae: its file is found by models/tae.py, not in the model layout).
 The text and clip encoders can instead load LightX2V's quantized files (t5_quantized / clip_quantized:
 encoder_quant.py); their fingerprint then names that file and its weight format.
 """
@@ -72,19 +73,21 @@ class ModelRef:
     image_encoder: bool = False  # the DiT takes CLIP image features (Wan2.1 I2V)
     # text / clip -> their quantized file (t5_quantized, clip_quantized): encoder_quant.quant_source's dict
     encoders: dict[str, dict[str, str]] = field(default_factory=dict, hash=False)
+    tae: str | None = None  # use_tae: the tiny VAE file that decodes instead of the VAE
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "task": self.task, "format": self.format, "family": self.family,
                 "experts": list(self.experts), "boundary_ratio": self.boundary_ratio, "dits": self.dits,
                 "loras": self.loras, "quant_scheme": self.quant_scheme, "image_encoder": self.image_encoder,
-                "encoders": self.encoders}
+                "encoders": self.encoders, "tae": self.tae}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelRef":
         return cls(path=d["path"], task=d["task"], format=d["format"], family=d.get("family", "wan2.2"),
                    experts=tuple(d.get("experts", ("high", "low"))), boundary_ratio=d.get("boundary_ratio"),
                    dits=d.get("dits", {}), loras=d.get("loras", {}), quant_scheme=d.get("quant_scheme"),
-                   image_encoder=bool(d.get("image_encoder", False)), encoders=d.get("encoders", {}))
+                   image_encoder=bool(d.get("image_encoder", False)), encoders=d.get("encoders", {}),
+                   tae=d.get("tae"))
 
     @property
     def index(self) -> dict[str, Any]:
@@ -246,10 +249,15 @@ def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
     mismatch = model_cls_mismatch(config.get("model_cls"), family, folder)
     if mismatch:
         raise CheckpointError(mismatch)
+    tae = None
+    if config.get("use_tae"):
+        from .tae import find_tae
+
+        tae = find_tae(config, folder)[0]
     ref = ModelRef(path=str(folder), task=task, format=fmt, family=family, experts=experts,
                    boundary_ratio=boundary, dits=dits,
                    loras={e: [s.to_dict() for s in specs] for e, specs in loras.items()},
-                   quant_scheme=scheme, image_encoder=image_encoder,
+                   quant_scheme=scheme, image_encoder=image_encoder, tae=tae,
                    encoders=encoder_sources(config, folder, image_encoder))
     if config.get("lazy_load") and config.get("cpu_offload"):  # refused when read, as at run time
         from .lazy import lora_refusal
@@ -318,6 +326,10 @@ def dit_weight_files(ref: ModelRef, expert: str) -> list[Path]:
 
 def component_files(ref: ModelRef, component: str) -> list[Path]:
     folder = Path(ref.path)
+    if component == "tae":
+        if not ref.tae:
+            raise CheckpointError(f"model {ref.path} has no tiny VAE (use_tae is not set)")
+        return [Path(ref.tae)]
     if component in EXPERTS:
         if component not in ref.experts:
             raise CheckpointError(f"model {ref.path} has no {component} expert (it has {', '.join(ref.experts)})")
@@ -376,6 +388,8 @@ def fingerprint(ref: ModelRef, component: str) -> str:
     if memo not in _fingerprints:
         items = [_file_identity(f) for f in component_files(ref, component)]
         doc: dict[str, Any] = {"format": ref.format, "component": component, "files": items}
+        if component == "tae":  # one file whatever the model folder's layout: the same file, the same decoder
+            doc = {"component": component, "files": items}
         if component in EXPERTS:
             doc["quant"] = ref.quant_scheme
             doc["loras"] = [[_file_identity(Path(s["path"])), s["strength"], s.get("alpha")]
@@ -510,6 +524,10 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
                 processor = CLIPImageProcessor.from_pretrained(folder / "image_processor")
                 encoder = CLIPVisionModel.from_pretrained(folder / "image_encoder", torch_dtype=torch.float32)
             return processor, own_aligned_memory(encoder.to(device).eval())
+        if component == "tae":
+            from .tae import load_tae
+
+            return load_tae(Path(component_files(ref, component)[0]), device, dtype)
         if component in EXPERTS:
             if component not in ref.experts:
                 raise CheckpointError(f"model {ref.path} has no {component} expert")
@@ -517,7 +535,8 @@ def load_component(ref: ModelRef, component: str, device: torch.device, dtype: t
     except CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
-        raise CheckpointError(f"cannot load the {component} model from {folder}: {e}") from e
+        source = ref.tae if component == "tae" else folder
+        raise CheckpointError(f"cannot load the {component} model from {source}: {e}") from e
     raise ValueError(f"unknown component {component!r}")
 
 

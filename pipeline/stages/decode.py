@@ -1,5 +1,6 @@
 """Stage `decode` (Luigi task DecodeVideo): final latents -> RGB frames (VAE) -> H.264 MP4 (ffmpeg-python +
-imageio-ffmpeg's binary). Needs the VAE; writes the MP4 as the artifact's payload."""
+imageio-ffmpeg's binary). Needs the VAE, or with `use_tae` LightX2V's tiny VAE decoder (the params' `decoder`
+is then "tae" and `vae` its fingerprint); writes the MP4 as the artifact's payload."""
 from __future__ import annotations
 
 import shutil
@@ -33,6 +34,24 @@ def decode_latents(vae, latents: torch.Tensor, bf16: bool = False) -> torch.Tens
     video = vae.decode(latents / inv_std + mean, return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
     video = (video.float() / 2 + 0.5).clamp(0, 1)
     return video[0].permute(1, 2, 3, 0).cpu()
+
+
+@torch.no_grad()
+def decode_latents_tae(tae, latents: torch.Tensor, need_scaled: bool = False, **kw) -> torch.Tensor:
+    """Frames [F, H, W, 3] float in [0, 1] from the tiny VAE decoder, as LightX2V's WanVAE_tiny.decode: the
+    latents go in as the DiT made them (normalized by the Wan VAE's statistics) unless `need_scaled`
+    (lighttaew2_1), which first un-normalizes them with the Wan2.1 VAE's mean and std. LightX2V maps the
+    TAE's [0, 1] output to [-1, 1] and its writer maps it back; here it stays in [0, 1]."""
+    from ..models.tae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
+
+    param = next(tae.parameters())
+    latents = latents.float()
+    if need_scaled:
+        mean = torch.tensor(WAN21_LATENTS_MEAN).view(1, -1, 1, 1, 1)
+        std = torch.tensor(WAN21_LATENTS_STD).view(1, -1, 1, 1, 1)
+        latents = latents * std + mean
+    video = tae(latents.to(param.device, param.dtype), **kw)  # [1, 3, F, H, W]; kw: frames_per_chunk
+    return video[0].float().permute(1, 2, 3, 0).cpu()
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -85,8 +104,11 @@ VERSION = 1
 def run(spec, store, run_id: str = "", on_step=None) -> dict:
     t0 = time.perf_counter()
     latents = store.load_tensors(spec.upstream["latents"].ref)["latents"]
-    vae = get_model(spec, spec.params["vae"])
-    frames = decode_latents(vae, latents, bf16=spec.params.get("vae_dtype") == "bfloat16")
+    decoder = get_model(spec, spec.params["vae"])
+    if spec.params.get("decoder") == "tae":
+        frames = decode_latents_tae(decoder, latents, need_scaled=bool(spec.params.get("need_scaled")))
+    else:
+        frames = decode_latents(decoder, latents, bf16=spec.params.get("vae_dtype") == "bfloat16")
     check_finite("frames", frames, spec)
     pixels = to_uint8(frames)
     fps, crf = spec.params["fps"], spec.params["crf"]
