@@ -176,10 +176,11 @@ def output_folder_problem(out: Path) -> str | None:
 
 
 def publish(src: Path, dest: Path) -> None:
-    """Copy a finished video into the output folder atomically (skipped when it is already identical)."""
+    """Copy a finished video into the output folder atomically (skipped when it is already identical). The
+    folder's fsync that makes the rename durable is results.parquet's, written into it next."""
     if dest.is_file() and dest.stat().st_size == src.stat().st_size and sha256_file(dest) == sha256_file(src):
         return
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, sync_dir=False) as tmp:
         shutil.copyfile(src, tmp)
         faults.point("publish", "payload-partial", tmp)
 
