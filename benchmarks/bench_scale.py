@@ -28,6 +28,8 @@ sha256) instead of running a model; `--real` runs the tiny model. Reported per r
   fsyncs, sha256 per stage task, counted over the whole process (the stages, Luigi's complete(), publishing)
   encode ms      per video: ffmpeg's H.264 encode (on the task's thread, or on the background writer's)
   worker MB      peak RSS of the (largest) worker process; luigid MB its peak RSS
+`--decode-only` measures a run in which decode is the only stage left (the store filled first at another
+video_crf): the stage the background writer changes, without the denoise work around it.
 `--writer sync` sets WAN_BATCH_BACKGROUND_WRITES=0 (decode encodes inside its task, as before the background
 writer); `--video HxWxF` and `--steps N` size the tiny model's videos (default 16x16x1, 2 steps).
 """
@@ -285,10 +287,13 @@ def run_luigid(work: Path, manifest: Path, config: Path, stub: bool, wave_tasks:
 
 
 def measure(rows: int, mode: str, stub: bool, wave_tasks: int, first: int, i2v_share: float, root: Path,
-            writer: str = "background", video: dict | None = None) -> dict:
+            writer: str = "background", video: dict | None = None, decode_only: bool = False) -> dict:
     work = root / f"{mode}-{'stub' if stub else 'real'}-{rows}-w{wave_tasks}-{writer}"
     shutil.rmtree(work, ignore_errors=True)  # from an empty store, every time
-    manifest, config = make_batch(work, rows, i2v_share, video)
+    manifest, config = make_batch(work, rows, i2v_share, {**(video or {}), **({"video_crf": 17} if decode_only else {})})
+    if decode_only:  # every stage in the store first, at another crf: the measured run re-runs decode alone
+        run_local(work, manifest, config, stub, wave_tasks, 0, writer)
+        config.write_text(json.dumps({**json.loads(config.read_text()), "video_crf": 18}))
     t0 = time.time()
     luigid_mb = None
     if mode == "local":
@@ -344,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video", default="", help="HxWxF of the videos (default 16x16x1)")
     p.add_argument("--steps", type=int, default=0, help="denoise steps (default 2)")
     p.add_argument("--repeat", type=int, default=1, help="run each variant this many times")
+    p.add_argument("--decode-only", action="store_true", help="measure a run in which only decode runs (the "
+                   "other stages are put in the store first, and the video's crf changed)")
     args = p.parse_args(argv)
     video = {}
     if args.video:
@@ -364,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeat):  # interleaved, so a change in the machine's load hits every variant
                     for writer in args.writer.split(","):
                         row = measure(rows, mode, not real, wave_tasks, args.first, args.i2v_share, root, writer,
-                                      {**SMALL, **video})
+                                      {**SMALL, **video}, args.decode_only)
+                        row["decode_only"] = args.decode_only
                         print(" | ".join(str(row[c]) for c in COLUMNS), flush=True)
                         if args.out:
                             with open(args.out, "a") as f:
