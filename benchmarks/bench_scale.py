@@ -4,6 +4,9 @@
     python -m benchmarks.bench_scale --rows 1000 --wave-tasks 0              # everything up front (before)
     python -m benchmarks.bench_scale --rows 500 --real --compare-stub        # the stubs against the tiny model
     python -m benchmarks.bench_scale --rows 500,10000 --real --first 200     # the product command, 1st 200 tasks
+    python -m benchmarks.bench_scale --rows 16,64 --real --modes local       # per-task costs of a small batch
+    python -m benchmarks.bench_scale --rows 16 --real --modes local --video 96x160x33 --steps 2 \
+        --writer sync,background                                            # decode's encode: in or off the task
 
 Each run makes a manifest of distinct prompts and seeds (a share of them image-to-video, each with its own
 image file, so validation and planning open and hash real images) for the embedded tiny model (1 frame of
@@ -17,8 +20,18 @@ sha256) instead of running a model; `--real` runs the tiny model. Reported per r
   first stage s  from the worker's start to its first stage task's start
   overhead ms    per stage task: (last stage end - first stage start - time inside the stages) / tasks,
                  i.e. what Luigi, the task wrappers and the store checks cost around the work
-  publish s      from the last stage's end to the process's exit (results.parquet, videos, summary)
+  publish s      from the last stage's end to the process's exit (results.parquet, videos, summary; with the
+                 background writer also the encodes still running then)
+  batch s        from the first stage's start to the process's exit: the batch's wall time without start-up
+  store ms       per stage task: time inside the stages spent in the store (writes with their sha256 and
+                 fsyncs, the integrity checks of loads; not the encode), a part of work ms
+  fsyncs, sha256 per stage task, counted over the whole process (the stages, Luigi's complete(), publishing)
+  encode ms      per video: ffmpeg's H.264 encode (on the task's thread, or on the background writer's)
   worker MB      peak RSS of the (largest) worker process; luigid MB its peak RSS
+`--decode-only` measures a run in which decode is the only stage left (the store filled first at another
+video_crf): the stage the background writer changes, without the denoise work around it.
+`--writer sync` sets WAN_BATCH_BACKGROUND_WRITES=0 (decode encodes inside its task, as before the background
+writer); `--video HxWxF` and `--steps N` size the tiny model's videos (default 16x16x1, 2 steps).
 """
 from __future__ import annotations
 
@@ -27,6 +40,7 @@ import atexit
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +55,7 @@ STUB_ENV = "WAN_BATCH_BENCH_SCALE_STUB"  # "1": stub the stage work
 FIRST_ENV = "WAN_BATCH_BENCH_SCALE_FIRST"  # stop the process after this many stage tasks (0: run to the end)
 START_ENV = "WAN_BATCH_BENCH_SCALE_START"  # wall time the process was launched at
 SMALL = dict(target_height=16, target_width=16, target_video_length=1, infer_steps=2, text_len=16)
+WRITER_ENV = "WAN_BATCH_BACKGROUND_WRITES"  # pipeline/writer.py's switch
 
 
 # -- instrumentation, installed in each worker process ------------------------------------------------------
@@ -53,12 +68,21 @@ class Recorder:
         self.work = 0.0
         self.plan_s = 0.0
         self.stopped = False
+        self.local = threading.local()  # .in_stage: this thread is inside a stage's run
+        self.store_s = 0.0  # store time inside the stages
+        self.fsyncs = 0
+        self.sha256 = 0
+        self.sha256_s = 0.0
+        self.encodes = 0
+        self.encode_s = 0.0
 
     def summary(self) -> dict:
         return {"pid": os.getpid(), "launched": float(os.environ.get(START_ENV, "0") or 0), "plan_s": self.plan_s,
                 "tasks": len(self.ends), "first_start": min(self.starts, default=None),
                 "last_end": max(self.ends, default=None), "work_s": self.work, "exit": time.time(),
                 "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "store_s": self.store_s, "fsyncs": self.fsyncs, "sha256": self.sha256, "sha256_s": self.sha256_s,
+                "encodes": self.encodes, "encode_s": self.encode_s,
                 "starts": self.starts[: self.first or 400]}
 
     def write(self) -> None:
@@ -78,6 +102,44 @@ def _stub_run(spec, store, run_id="", on_step=None):
     return store.write_file(spec.ref, lambda tmp: Path(tmp).write_bytes(payload), side)
 
 
+def _count_store(rec: Recorder) -> None:
+    """Count the store's fsyncs and sha256s, time its writes and checks inside the stages, and time encodes."""
+    from pipeline import store
+    from pipeline.stages import decode
+
+    def adding(fn, seconds: str | None = None, count: str | None = None, in_stage_only: bool = False):
+        def wrapper(*args, **kwargs):
+            if in_stage_only and not getattr(rec.local, "in_stage", False):
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with rec.lock:
+                    if seconds:
+                        setattr(rec, seconds, getattr(rec, seconds) + time.perf_counter() - t0)
+                    if count:
+                        setattr(rec, count, getattr(rec, count) + 1)
+        return wrapper
+
+    os.fsync = adding(os.fsync, count="fsyncs")  # this worker process's, the store's included
+    store.sha256_file = adding(store.sha256_file, "sha256_s", "sha256")
+    for name in ("write_tensors", "write_file", "check"):  # write_file: what the task's thread spends in it
+        setattr(store.ArtifactStore, name, adding(getattr(store.ArtifactStore, name), "store_s", in_stage_only=True))
+    timed_mp4 = adding(decode.write_mp4, "encode_s", "encodes")
+
+    def write_mp4(*args, **kwargs):  # an encode on the task's thread is not the store's time
+        t0 = time.perf_counter()
+        try:
+            return timed_mp4(*args, **kwargs)
+        finally:
+            if getattr(rec.local, "in_stage", False):
+                with rec.lock:
+                    rec.store_s -= time.perf_counter() - t0
+
+    decode.write_mp4 = write_mp4
+
+
 def install(log_path: Path, stub: bool, first: int = 0) -> Recorder:
     """Time every stage task (and the planning) of this process; with `stub`, replace the stage work."""
     import pipeline.batch
@@ -87,14 +149,17 @@ def install(log_path: Path, stub: bool, first: int = 0) -> Recorder:
 
     rec = Recorder(log_path, first)
     work = _stub_run if stub else tasks.stages.run_spec
+    _count_store(rec)
 
     def timed_run_spec(spec, store, run_id="", on_step=None):
         t0 = time.time()
         with rec.lock:
             rec.starts.append(t0)
+        rec.local.in_stage = True
         try:
             return work(spec, store, run_id, on_step=on_step)
         finally:
+            rec.local.in_stage = False
             t1 = time.time()
             with rec.lock:
                 rec.ends.append(t1)
@@ -129,7 +194,7 @@ if os.environ.get(LOG_ENV):  # imported by a Luigi worker (`luigi --module bench
 
 
 # -- the batches ----------------------------------------------------------------------------------------------
-def make_batch(work: Path, rows: int, i2v_share: float) -> tuple[Path, Path]:
+def make_batch(work: Path, rows: int, i2v_share: float, video: dict | None = None) -> tuple[Path, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
@@ -138,7 +203,7 @@ def make_batch(work: Path, rows: int, i2v_share: float) -> tuple[Path, Path]:
 
     work.mkdir(parents=True, exist_ok=True)
     cfg = json.loads(default_config_path().read_text())
-    cfg.update(SMALL)
+    cfg.update(SMALL, **(video or {}))
     config = work / "config.json"
     config.write_text(json.dumps(cfg))
     images = work / "images"
@@ -160,10 +225,10 @@ def make_batch(work: Path, rows: int, i2v_share: float) -> tuple[Path, Path]:
     return manifest, config
 
 
-def _env(log: Path, stub: bool, first: int) -> dict[str, str]:
+def _env(log: Path, stub: bool, first: int, writer: str = "background") -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             LOG_ENV: str(log), STUB_ENV: "1" if stub else "0", FIRST_ENV: str(first), START_ENV: repr(time.time()),
-            "TQDM_DISABLE": "1"}
+            "TQDM_DISABLE": "1", WRITER_ENV: "0" if writer == "sync" else "1"}
 
 
 def _vmhwm_mb(pid: int) -> float | None:
@@ -176,7 +241,8 @@ def _vmhwm_mb(pid: int) -> float | None:
     return None
 
 
-def run_local(work: Path, manifest: Path, config: Path, stub: bool, wave_tasks: int, first: int) -> list[dict]:
+def run_local(work: Path, manifest: Path, config: Path, stub: bool, wave_tasks: int, first: int,
+              writer: str = "background") -> list[dict]:
     """`wan-batch run` (local scheduler) in a fresh process, instrumented."""
     log = work / "worker-0.json"
     code = ("import sys, benchmarks.bench_scale as b; from pathlib import Path; "
@@ -184,7 +250,7 @@ def run_local(work: Path, manifest: Path, config: Path, stub: bool, wave_tasks: 
             "from tasks.build import run_batch; "
             "ok = run_batch(sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7], wave_tasks=int(sys.argv[8])); "
             "sys.exit(0 if ok else 1)")
-    env = _env(log, stub, first)
+    env = _env(log, stub, first, writer)
     env.pop(LOG_ENV)  # installed by the code above, not at import
     with open(work / "worker-0.log", "wb") as out:
         proc = subprocess.run([sys.executable, "-c", code, str(log), "1" if stub else "0", str(first), str(manifest),
@@ -196,7 +262,7 @@ def run_local(work: Path, manifest: Path, config: Path, stub: bool, wave_tasks: 
 
 
 def run_luigid(work: Path, manifest: Path, config: Path, stub: bool, wave_tasks: int, workers: int,
-               first: int) -> tuple[list[dict], float | None]:
+               first: int, writer: str = "background") -> tuple[list[dict], float | None]:
     """N workers (the product's Luigi command, as `wan-batch workers` starts them) on one luigid."""
     from pipeline.workers import WORKER_OK, BatchSpec, local_luigid, worker_command
 
@@ -210,7 +276,8 @@ def run_luigid(work: Path, manifest: Path, config: Path, stub: bool, wave_tasks:
             log = work / f"worker-{i}.json"
             with open(work / f"worker-{i}.log", "wb") as out:
                 procs.append(subprocess.Popen(worker_command(batch, scheduler, 1, slot=i), cwd=REPO,
-                                              env=_env(log, stub, first), stdout=out, stderr=subprocess.STDOUT))
+                                              env=_env(log, stub, first, writer), stdout=out,
+                                              stderr=subprocess.STDOUT))
         codes = [p.wait() for p in procs]
         peak.append(_vmhwm_mb(scheduler.process.pid) or 0.0)
     bad = [c for c in codes if c not in WORKER_OK]
@@ -219,15 +286,21 @@ def run_luigid(work: Path, manifest: Path, config: Path, stub: bool, wave_tasks:
     return [json.loads((work / f"worker-{i}.json").read_text()) for i in range(workers)], peak[0]
 
 
-def measure(rows: int, mode: str, stub: bool, wave_tasks: int, first: int, i2v_share: float, root: Path) -> dict:
-    work = root / f"{mode}-{'stub' if stub else 'real'}-{rows}-w{wave_tasks}"
-    manifest, config = make_batch(work, rows, i2v_share)
+def measure(rows: int, mode: str, stub: bool, wave_tasks: int, first: int, i2v_share: float, root: Path,
+            writer: str = "background", video: dict | None = None, decode_only: bool = False) -> dict:
+    work = root / f"{mode}-{'stub' if stub else 'real'}-{rows}-w{wave_tasks}-{writer}"
+    shutil.rmtree(work, ignore_errors=True)  # from an empty store, every time
+    manifest, config = make_batch(work, rows, i2v_share, {**(video or {}), **({"video_crf": 17} if decode_only else {})})
+    if decode_only:  # every stage in the store first, at another crf: the measured run re-runs decode alone
+        run_local(work, manifest, config, stub, wave_tasks, 0, writer)
+        config.write_text(json.dumps({**json.loads(config.read_text()), "video_crf": 18}))
     t0 = time.time()
     luigid_mb = None
     if mode == "local":
-        logs = run_local(work, manifest, config, stub, wave_tasks, first)
+        logs = run_local(work, manifest, config, stub, wave_tasks, first, writer)
     else:
-        logs, luigid_mb = run_luigid(work, manifest, config, stub, wave_tasks, 2 if mode == "2w" else 1, first)
+        logs, luigid_mb = run_luigid(work, manifest, config, stub, wave_tasks, 2 if mode == "2w" else 1, first,
+                                     writer)
     wall = time.time() - t0
     tasks = sum(w["tasks"] for w in logs)
     first_start = min(w["first_start"] for w in logs if w["first_start"])
@@ -239,16 +312,26 @@ def measure(rows: int, mode: str, stub: bool, wave_tasks: int, first: int, i2v_s
     starts = sorted(s for w in logs for s in w["starts"])[: first or None]
     per_task = (starts[-1] - starts[0]) / max(1, len(starts) - 1) * n_workers if len(starts) > 1 else None
     launched = min(w["launched"] for w in logs)
-    return {"rows": rows, "mode": mode, "stages": "stub" if stub else "tiny", "wave_tasks": wave_tasks,
+    encodes = sum(w["encodes"] for w in logs)
+    per = max(1, tasks)
+    return {"rows": rows, "mode": mode, "stages": "stub" if stub else "tiny", "writer": writer,
+            "video": "x".join(str((video or SMALL)[k]) for k in ("target_height", "target_width", "target_video_length")),
+            "wave_tasks": wave_tasks,
             "tasks": tasks, "plan_s": round(max(w["plan_s"] for w in logs), 2),
             "first_stage_s": round(first_start - launched, 2), "overhead_ms": round(1000 * overhead, 2),
             "first_tasks_ms": round(1000 * per_task, 2) if per_task else None, "work_ms": round(1000 * work_s / max(1, tasks), 2),
-            "publish_s": round(max(w["exit"] for w in logs) - last_end, 2), "wall_s": round(wall, 1),
+            "publish_s": round(max(w["exit"] for w in logs) - last_end, 2),
+            "batch_s": round(max(w["exit"] for w in logs) - first_start, 2), "wall_s": round(wall, 1),
+            "store_ms": round(1000 * sum(w["store_s"] for w in logs) / per, 2),
+            "fsyncs": round(sum(w["fsyncs"] for w in logs) / per, 2),
+            "sha256": round(sum(w["sha256"] for w in logs) / per, 2),
+            "encode_ms": round(1000 * sum(w["encode_s"] for w in logs) / encodes, 1) if encodes else None,
             "worker_mb": round(max(w["maxrss_mb"] for w in logs)), "luigid_mb": round(luigid_mb) if luigid_mb else None}
 
 
-COLUMNS = ["rows", "mode", "stages", "wave_tasks", "tasks", "plan_s", "first_stage_s", "overhead_ms",
-           "first_tasks_ms", "work_ms", "publish_s", "wall_s", "worker_mb", "luigid_mb"]
+COLUMNS = ["rows", "mode", "stages", "writer", "video", "wave_tasks", "tasks", "plan_s", "first_stage_s",
+           "overhead_ms", "first_tasks_ms", "work_ms", "store_ms", "fsyncs", "sha256", "encode_ms", "publish_s",
+           "batch_s", "wall_s", "worker_mb", "luigid_mb"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +345,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--i2v-share", type=float, default=0.2, help="share of rows with an image (I2V)")
     p.add_argument("--out", default="", help="append the rows as JSON lines to this file")
     p.add_argument("--keep", default="", help="work in this folder (default: a temp folder, removed)")
+    p.add_argument("--writer", default="background", help="comma-separated: background, sync (decode's encode)")
+    p.add_argument("--video", default="", help="HxWxF of the videos (default 16x16x1)")
+    p.add_argument("--steps", type=int, default=0, help="denoise steps (default 2)")
+    p.add_argument("--repeat", type=int, default=1, help="run each variant this many times")
+    p.add_argument("--decode-only", action="store_true", help="measure a run in which only decode runs (the "
+                   "other stages are put in the store first, and the video's crf changed)")
     args = p.parse_args(argv)
+    video = {}
+    if args.video:
+        h, w, f = (int(x) for x in args.video.split("x"))
+        video.update(target_height=h, target_width=w, target_video_length=f)
+    if args.steps:
+        video["infer_steps"] = args.steps
     from tasks.waves import DEFAULT_WAVE_TASKS
 
     wave_tasks = DEFAULT_WAVE_TASKS if args.wave_tasks is None else args.wave_tasks
@@ -273,11 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     for rows in (int(r) for r in args.rows.split(",")):
         for mode in args.modes.split(","):
             for real in variants:
-                row = measure(rows, mode, not real, wave_tasks, args.first, args.i2v_share, root)
-                print(" | ".join(str(row[c]) for c in COLUMNS), flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                for _ in range(args.repeat):  # interleaved, so a change in the machine's load hits every variant
+                    for writer in args.writer.split(","):
+                        row = measure(rows, mode, not real, wave_tasks, args.first, args.i2v_share, root, writer,
+                                      {**SMALL, **video}, args.decode_only)
+                        row["decode_only"] = args.decode_only
+                        print(" | ".join(str(row[c]) for c in COLUMNS), flush=True)
+                        if args.out:
+                            with open(args.out, "a") as f:
+                                f.write(json.dumps(row) + "\n")
     if tmp is not None:
         tmp.cleanup()
     return 0

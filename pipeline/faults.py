@@ -10,7 +10,8 @@ variable names that place, its n-th hit in this process triggers the action:
           and `results`) keeps working, as when the store and the outputs are on different disks.
 At a point that is given a file (a temp file being written), the file is first cut to half its length, so
 the state left behind is the one of a write interrupted midway. `mux` kills while the ffmpeg child is
-encoding (the child is left running, as it would be). `stage` may be `*` (any stage).
+encoding (the child is left running, as it would be). `stage` may be `*` (any stage). A point reached on the
+background writer's thread (decode's writes in a batch) counts and acts there; `kill` kills the process.
 
 Unset (always, outside tests), `point` returns on its first line: the cost is one global lookup.
 """
@@ -36,6 +37,8 @@ POINTS = {
     "sidecar-partial": "the sidecar's temp file is written (cut to half before the fault)",
     "committed": "the sidecar is in place (the artifact is complete), the task not yet marked done",
     "mux": "ffmpeg is encoding the MP4 into its temp file",
+    "queued": "a video's write is handed to the background writer (the task returns next; its encode may not "
+              "have started)",
     "failure-record": "a stage's failure record is written to its temp file (cut to half before the fault)",
     "lock": "a new lock file is about to be created in the store",
 }
@@ -45,6 +48,7 @@ OUTPUT_STAGES = ("publish", "results")  # points in the output folder, not the s
 
 _armed: tuple[str, int, str, str] | None = None
 _hits = 0
+_count = threading.Lock()  # the background writer's thread reaches points too
 _full = False  # set once a `full` fault fired: the store's disk stays full
 
 
@@ -77,8 +81,10 @@ def point(stage: str, where: str, path: Path | str | None = None) -> None:
         raise _enospc(path)
     if where != want_where or want_stage not in ("*", stage):
         return
-    _hits += 1
-    if _hits != n:
+    with _count:
+        _hits += 1
+        hit = _hits
+    if hit != n:
         return
     _half(where, path)
     _full = action == "full"

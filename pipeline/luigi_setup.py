@@ -48,19 +48,41 @@ PRUNE_INTERVAL_S = 60.0  # as often as luigid prunes its own state
 
 
 class LocalScheduler(luigi.scheduler.Scheduler):
-    """Luigi's local scheduler, pruning its task graph at most once a minute (as luigid does) instead of on
-    every get_work: a prune walks every task the run has seen, done ones included, so pruning per get_work
-    made each task of a batch cost time proportional to the batch (issue 21)."""
+    """Luigi's local scheduler, with two costs that grew with the tasks a run holds taken out of get_work:
+    - its task graph is pruned at most once a minute (as luigid does) instead of on every get_work: a prune
+      walks every task the run has seen, done ones included (issue 21);
+    - the worker's pending-task counts (count_pending: a walk over every pending task and its upstream) are
+      made only when get_work hands out no task. The worker reads them only then (to decide whether to wait
+      for more work, and for its summary); with a task it only logs the number at debug level, which here is
+      the plain count of its pending tasks."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **{**kwargs, "prune_on_get_work": False})
         self._pruned_at = time.monotonic()
+        self._in_get_work = self._counted = False
 
-    def get_work(self, *args, **kwargs):
+    def get_work(self, host=None, assistant=False, current_tasks=None, worker=None, **kwargs):
         if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL_S:
             self._pruned_at = time.monotonic()
             self.prune()
-        return super().get_work(*args, **kwargs)
+        self._in_get_work, self._counted = True, False
+        try:
+            reply = super().get_work(host=host, assistant=assistant, current_tasks=current_tasks, worker=worker,
+                                     **kwargs)
+        finally:
+            self._in_get_work = False
+        if self._counted and reply.get("task_id") is None and "batch_id" not in reply:
+            reply.update(self.count_pending(worker))  # nothing changed state since: the counts Luigi would give
+        return reply
+
+    def count_pending(self, worker):
+        if not self._in_get_work:
+            return super().count_pending(worker)
+        self._counted = True
+        state = self._state.get_worker(worker)
+        pending = sum(1 for _ in state.get_tasks(self._state, luigi.scheduler.PENDING))
+        return {"n_pending_tasks": pending, "n_unique_pending": 0, "n_pending_last_scheduled": 0,
+                "worker_state": state.state, "running_tasks": []}
 
 
 def _create_local_scheduler(self) -> LocalScheduler:

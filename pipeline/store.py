@@ -3,6 +3,9 @@
 Layout: <root>/<stage>/<key[:2]>/<key>.<ext> (the payload: safetensors, or mp4 for decode) and <key>.json
 (the sidecar, written last: it marks completion and holds the payload's size and sha256). A payload without a
 valid sidecar, or whose size/sha256 disagree with it, is never trusted: the stage is recomputed.
+
+A file payload may be written by the background writer (pipeline/writer.py) after its task returned; every
+read of an artifact here (check, sidecar, failure) first waits for a pending write of it in this process.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import faults
+from .writer import WRITER
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +65,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temp path in dest's folder; on success fsync it and rename over dest, else remove it."""
+def atomic_path(dest: Path, sync_dir: bool = True) -> Iterator[Path]:
+    """Yield a temp path in dest's folder; on success fsync it and rename over dest, else remove it.
+    `sync_dir=False` leaves the folder's fsync (which makes the rename durable) to a later write into the same
+    folder: a payload's rename is made durable by its sidecar's, and without the sidecar it is not used."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + dest.suffix, dir=dest.parent)
     os.close(fd)
@@ -74,7 +81,8 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, dest)
-        _fsync_dir(dest.parent)
+        if sync_dir:
+            _fsync_dir(dest.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -124,7 +132,12 @@ class ArtifactStore:
         return self.folder(ref.stage, ref.key) / f"{ref.key}.failed.json"
 
     # -- reading ---------------------------------------------------------------------------------------
+    def settle(self, ref: ArtifactRef) -> None:
+        """Wait until no background write of `ref` is pending in this process (pipeline/writer.py)."""
+        WRITER.wait(self.payload_path(ref))
+
     def sidecar(self, ref: ArtifactRef) -> dict[str, Any] | None:
+        self.settle(ref)
         try:
             return json.loads(self.sidecar_path(ref).read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -132,6 +145,7 @@ class ArtifactStore:
 
     def check(self, ref: ArtifactRef) -> tuple[bool, str]:
         """(ok, reason). Verifies sidecar, payload size and sha256; the result is memoised per file state."""
+        self.settle(ref)
         side_path, payload = self.sidecar_path(ref), self.payload_path(ref)
         try:
             side_stat = side_path.stat()
@@ -197,18 +211,33 @@ class ArtifactStore:
         shapes = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()}
         faults.point(ref.stage, "before-write")
         self.sidecar_path(ref).unlink(missing_ok=True)  # an old sidecar must not vouch for the new payload
-        with atomic_path(self.payload_path(ref)) as tmp:
+        with atomic_path(self.payload_path(ref), sync_dir=False) as tmp:
             # one metadata entry: safetensors writes a metadata map in hash order, which differs per process,
             # and a re-run must give the same bytes
             save_file(tensors, str(tmp), metadata={"artifact": f"{ref.stage}/{ref.key}"})
             faults.point(ref.stage, "payload-partial", tmp)
         return self._finish(ref, self.payload_path(ref), dict(sidecar, tensors=shapes))
 
-    def write_file(self, ref: ArtifactRef, produce, sidecar: dict[str, Any]) -> dict[str, Any]:
-        """`produce(tmp_path)` writes the payload (e.g. ffmpeg muxing an MP4) to a temp path first."""
+    def write_file(self, ref: ArtifactRef, produce, sidecar: dict[str, Any],
+                   background: bool = False) -> dict[str, Any] | None:
+        """`produce(tmp_path)` writes the payload (e.g. ffmpeg muxing an MP4) to a temp path first.
+
+        `background`: when this thread holds `lock(ref)` and accepts deferred writes (WRITER.accepting), the
+        write is queued on the background writer, which takes the lock over and releases it once the artifact
+        is complete or its failure recorded; returns None then. Otherwise it writes now, as without it."""
+        held = _HELD.get(self.lock_path(ref))
+        if background and held is not None and held.owner == threading.get_ident() and WRITER.accepts():
+            held.handed_over = True
+            del _HELD[self.lock_path(ref)]
+            WRITER.submit(self.payload_path(ref), lambda: self._write_file(ref, produce, sidecar), held.release)
+            faults.point(ref.stage, "queued")
+            return None
+        return self._write_file(ref, produce, sidecar)
+
+    def _write_file(self, ref: ArtifactRef, produce, sidecar: dict[str, Any]) -> dict[str, Any]:
         faults.point(ref.stage, "before-write")
         self.sidecar_path(ref).unlink(missing_ok=True)
-        with atomic_path(self.payload_path(ref)) as tmp:
+        with atomic_path(self.payload_path(ref), sync_dir=False) as tmp:
             faults.point(ref.stage, "mux", tmp)
             produce(tmp)
             faults.point(ref.stage, "payload-partial", tmp)
@@ -230,6 +259,7 @@ class ArtifactStore:
             self._failures[ref] = doc
 
     def failure(self, ref: ArtifactRef) -> dict[str, Any] | None:
+        self.settle(ref)
         if ref in self._failures:
             return self._failures[ref]
         try:
@@ -256,30 +286,62 @@ class ArtifactStore:
         self._verified.pop(self.payload_path(ref), None)
         self._failures.pop(ref, None)
 
+    def lock_path(self, ref: ArtifactRef) -> Path:
+        return self.folder(ref.stage, ref.key) / f"{ref.key}.lock"
+
     @contextlib.contextmanager
     def lock(self, ref: ArtifactRef) -> Iterator[None]:
-        """Exclusive per-artifact lock across processes (flock), so two runs never compute one artifact twice."""
-        path = self.folder(ref.stage, ref.key) / f"{ref.key}.lock"
+        """Exclusive per-artifact lock across processes (flock), so two runs never compute one artifact twice.
+        A background write of the artifact started inside the block keeps it locked until it ends."""
+        path = self.lock_path(ref)
         if not path.exists():
             faults.point(ref.stage, "lock")
-        with file_lock(path):
+        held = HeldLock(path)
+        _HELD[path] = held
+        try:
             yield
+        finally:
+            if _HELD.get(path) is held:
+                del _HELD[path]
+            if not held.handed_over:
+                held.release()
+
+
+class HeldLock:
+    """An exclusive flock on `path` (created if needed; never deleted, so every process locks the same inode),
+    taken when made. The kernel releases it when the holder dies, so a killed run never leaves a stale lock."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a+")  # noqa: SIM115 - held past this call: release() closes it
+        self.owner = threading.get_ident()
+        self.handed_over = False  # to the background writer, which releases it
+        while True:
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
+                break
+            except OSError as e:  # EINTR
+                if e.errno != errno.EINTR:
+                    self.file.close()
+                    raise
+
+    def release(self) -> None:
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+        finally:
+            self.file.close()
+
+
+# lock file -> the lock this process holds on it through ArtifactStore.lock (one holder per process: a second
+# flock of the same file waits for the first), so that a background write can take it over
+_HELD: dict[Path, HeldLock] = {}
 
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive flock on `path` (created if needed; never deleted, so every process locks the same inode).
-    The kernel releases it when the holder dies, so a killed run never leaves a stale lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-                break
-            except OSError as e:  # EINTR
-                if e.errno != errno.EINTR:
-                    raise
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    """Exclusive flock on `path` for the block (see HeldLock)."""
+    held = HeldLock(path)
+    try:
+        yield
+    finally:
+        held.release()

@@ -5,6 +5,8 @@ import uuid
 
 import luigi
 
+from pipeline.writer import WRITER
+
 from .run_manifest import RunManifest
 
 
@@ -18,6 +20,7 @@ def run_batch(manifest: str, config: str = "", output_dir: str = "outputs", stor
                        store=store, strict=strict, run_id=uuid.uuid4().hex[:12], **waves)
     kwargs = {} if local_scheduler is None else {"local_scheduler": local_scheduler}
     result = luigi.build([task], workers=workers, detailed_summary=True, **kwargs)
+    WRITER.flush()  # RunManifest waited for its videos; this covers a run that stopped before it
     return result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY")
 
 
@@ -29,4 +32,5 @@ def run_job(plan, store_root: str, run_id: str) -> bool:
     from .stages import task_for
 
     luigi.build([task_for(plan.decode, store_root, run_id)], workers=1, detailed_summary=False)
+    WRITER.flush()
     return ArtifactStore(store_root).is_complete(plan.decode.ref)

@@ -1,7 +1,10 @@
 """RunManifest: validate the manifest, require one DecodeVideo per row (a batch of more than `wave_tasks`
 artifacts: its Waves, which declare the stage tasks a wave at a time, tasks/waves.py), then publish the videos
 and results.parquet. Rows that failed (at validation or in any stage) are reported with their error; the
-others finish; the task then fails so the process exits non-zero (see pipeline's Luigi retcodes)."""
+others finish; the task then fails so the process exits non-zero (see pipeline's Luigi retcodes).
+
+Videos still being encoded by this process's background writer (pipeline/writer.py) are waited for before
+anything is published: a row is reported only once its video is complete in the store, or its write failed."""
 from __future__ import annotations
 
 import logging
@@ -69,6 +72,10 @@ class RunManifest(luigi.Task):
 
     def run(self) -> None:
         out = Path(self.output_dir)
+        store = open_store(self.store)
+        for plan in self.plans:  # the encodes still running here (the store's reads would wait for each too)
+            if plan.decode is not None:
+                store.settle(plan.decode.ref)
         try:
             out.mkdir(parents=True, exist_ok=True)
             with file_lock(out / ".wan-batch.lock"):  # one batch publishes into a folder at a time
@@ -87,6 +94,8 @@ class RunManifest(luigi.Task):
                 "a writable --output-dir publishes them without recomputing") from e
         self._finished = True
         failed = [r for r in rows if r["status"] != "ok"]
+        for r in failed:
+            log.error("job %s failed: %s", r["job_id"], r["error"])
         log.info("batch done: %d ok, %d failed; results in %s", len(rows) - len(failed), len(failed),
                  out / "results.parquet")
         if failed:
@@ -167,10 +176,11 @@ def output_folder_problem(out: Path) -> str | None:
 
 
 def publish(src: Path, dest: Path) -> None:
-    """Copy a finished video into the output folder atomically (skipped when it is already identical)."""
+    """Copy a finished video into the output folder atomically (skipped when it is already identical). The
+    folder's fsync that makes the rename durable is results.parquet's, written into it next."""
     if dest.is_file() and dest.stat().st_size == src.stat().st_size and sha256_file(dest) == sha256_file(src):
         return
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, sync_dir=False) as tmp:
         shutil.copyfile(src, tmp)
         faults.point("publish", "payload-partial", tmp)
 

@@ -9,9 +9,17 @@ batch; the run's exit code is then non-zero. Run directly (no run_id), a task ra
 
 An upstream artifact damaged or deleted after its task finished and before this one runs is recomputed here,
 in this run (Luigi's own pre-run check of the dependencies is off for this reason: pipeline.luigi_setup).
+
+In a run (a run id), a stage may hand its artifact's write to the background writer (pipeline/writer.py:
+decode's H.264 encode) and the task returns before the artifact is in the store; Luigi counts the task done
+then (its complete() is not checked after run: check_complete_on_run is off, Luigi's default). Whatever reads
+the artifact later (this target's exists(), the consumer's heal check, RunManifest) waits for that write
+first, and the artifact's lock stays held until it ends, so another process waits too. A write that fails
+records the row's failure like any stage error.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 from functools import cached_property
@@ -24,6 +32,7 @@ from pipeline.progress import PROGRESS
 from pipeline.spec import StageSpec
 from pipeline.stages.registry import STAGES, stage_of
 from pipeline.store import ArtifactRef, ArtifactStore
+from pipeline.writer import WRITER
 
 log = logging.getLogger("wan_batch.tasks")
 
@@ -121,7 +130,17 @@ class StageTask(luigi.Task):
             if not self.run_id:
                 raise
             log.error("%s %s failed: the store could not be used: %s", self.spec.stage, self.key[:12], e)
-            self._fail(f"the store could not be used: {e.strerror or e} ({e.filename or self.store})")
+            self._fail(self._store_error(e))
+
+    def _store_error(self, e: OSError) -> str:
+        return f"the store could not be used: {e.strerror or e} ({e.filename or self.store})"
+
+    def _write_failed(self, e: BaseException) -> None:
+        """The background write of this task's artifact failed (on the writer's thread, after run returned)."""
+        message = self._store_error(e) if isinstance(e, OSError) else \
+            str(e) if isinstance(e, StageFailed) else f"{type(e).__name__}: {e}"
+        log.error("%s %s failed: writing its artifact: %s", self.spec.stage, self.key[:12], message)
+        self.artifact_store.record_failure(self.spec.ref, message, self.run_id)
 
     def _run(self) -> None:
         store, ref = self.artifact_store, self.spec.ref
@@ -140,7 +159,8 @@ class StageTask(luigi.Task):
             steps = stage.steps(self.spec.params) if stage.steps else None
             with PROGRESS.track(ref.stage, ref.key, self, steps) as on_step:
                 try:
-                    run_spec(self.spec, store, self.run_id, on_step=on_step)
+                    with WRITER.accepting(self._write_failed) if self.run_id else contextlib.nullcontext():
+                        run_spec(self.spec, store, self.run_id, on_step=on_step)
                 except Exception as e:  # recorded per row, see module doc
                     if not self.run_id:
                         raise

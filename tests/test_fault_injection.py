@@ -1,4 +1,4 @@
-"""SIGKILL a 6-row batch at 20 points spread over every stage (mid-write of payloads and sidecars, while
+"""SIGKILL a 6-row batch at 21 points spread over every stage (mid-write of payloads and sidecars, while
 ffmpeg muxes, while publishing), re-run it, and require: the batch completes, every MP4 is byte-identical to
 an uninterrupted run, every artifact verifies, and no temp file is left.
 
@@ -45,6 +45,7 @@ KILL_POINTS = [
     ("denoise-low", 4, "step"),
     ("denoise-low", 5, "payload-written"),
     ("decode", 1, "mux"),
+    ("decode", 3, "queued"),  # the 3rd video handed to the background writer, earlier ones maybe still encoding
     ("decode", 3, "payload-partial"),
     ("decode", 6, "committed"),
     ("publish", 3, "payload-partial"),
@@ -209,6 +210,40 @@ def test_kill_and_resume_gives_identical_videos(batch, stage, n, where):
     assert temp_files(store, out) == []
     # a video killed mid-encode or mid-publish never shows up half-written under its final name
     assert not [p for p in out.iterdir() if p.suffix == ".mp4" and p.stem not in results]
+
+
+def test_kill_with_encodes_pending_redecodes_only_those(batch):
+    """Killed right after the third video was handed to the background writer: the videos whose encode had
+    not ended are not in the store (no sidecar; at most a temp file), nothing is published, and the resumed
+    run decodes exactly those again and reuses the others, to the uninterrupted run's bytes."""
+    work = batch["tmp"] / "decode-queued-resume"
+    store, out = work / "store", work / "out"
+    runner = batch["runner"]
+    killed = runner.run(batch["manifest"], batch["config"], out, store, fault="decode:3:queued")
+    assert killed["signal"] == signal.SIGKILL, killed
+    wait_for_orphans(str(store))
+    from pipeline.store import ArtifactRef, ArtifactStore
+
+    checker = ArtifactStore(store)
+    sidecars = {p.stem: p.read_bytes() for p in (store / "decode").rglob("*.json")
+                if not p.name.startswith(".") and not p.name.endswith(".failed.json")}
+    assert all(checker.check(ArtifactRef("decode", key, "mp4"))[0] for key in sidecars)  # whole or absent
+    videos = {p.stem for p in (store / "decode").rglob("*.mp4") if not p.name.startswith(".")}
+    assert videos == set(sidecars)  # no payload without its sidecar
+    assert len(sidecars) <= 2  # the third (and maybe the first two) were still pending
+    assert not out.exists() or not [p for p in out.iterdir() if p.suffix == ".mp4"]
+
+    resumed = runner.run(batch["manifest"], batch["config"], out, store)
+    assert resumed == {"signal": None, "code": 0}
+    results = read_results(out)
+    assert all(r["status"] == "ok" for r in results.values()), results
+    for job_id in results:
+        assert (out / f"{job_id}.mp4").read_bytes() == (batch["ref"] / "out" / f"{job_id}.mp4").read_bytes()
+    assert sum("decode" in r["cached_stages"] for r in results.values()) == len(sidecars)
+    for key, side in sidecars.items():  # the finished ones were reused, not written again
+        assert next((store / "decode").rglob(f"{key}.json")).read_bytes() == side
+    assert sum("denoise-low" in r["cached_stages"] for r in results.values()) == 6  # only decode re-ran
+    assert temp_files(store, out) == []
 
 
 def test_fault_spec_is_validated():

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("pipeline.runtime",)),
     ("models", ("pipeline.models",)),
     ("fast paths", ("pipeline.fast",)),
-    ("base", ("pipeline.config", "pipeline.manifest", "pipeline.store", "pipeline.errors", "pipeline.faults",
+    ("base", ("pipeline.config", "pipeline.manifest", "pipeline.store", "pipeline.writer", "pipeline.errors", "pipeline.faults",
               "pipeline.tiny", "pipeline.luigi_setup", "pipeline.threads", "pipeline.version", "pipeline.config_keys",
               "pipeline.parallel.layout")),  # the `parallel` config value, read by config.py
 ]

@@ -1,16 +1,21 @@
 """Stage `decode` (Luigi task DecodeVideo): final latents -> RGB frames (VAE) -> H.264 MP4 (ffmpeg-python +
 imageio-ffmpeg's binary). Needs the VAE, or with `use_tae` LightX2V's tiny VAE decoder (the params' `decoder`
-is then "tae" and `vae` its fingerprint); writes the MP4 as the artifact's payload."""
+is then "tae" and `vae` its fingerprint); writes the MP4 as the artifact's payload.
+
+In a batch the encode runs on the background writer (pipeline/writer.py): the task returns once the frames
+are made, and the GPU goes on with the next task while ffmpeg encodes on the CPU."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import WanBatchError
+from ..errors import StageFailed, WanBatchError
 from ..runtime import get_model
 from .common import check_finite, sidecar
 from .registry import Stage
@@ -68,12 +73,11 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18) -> None:
-    """H.264 yuv420p MP4. Bit-exact flags and a fixed x264 thread count (x264 output depends on the thread
-    count only) make a re-run give the same bytes on any machine."""
+def mp4_command(shape: tuple[int, ...], fps: int, path: Path, crf: int = 18) -> list[str]:
+    """ffmpeg's command line for write_mp4: raw rgb24 frames of `shape` [F, H, W, 3] on stdin -> `path`."""
     import ffmpeg
 
-    n, h, w, _ = frames.shape
+    _, h, w, _ = shape
     pad_h, pad_w = h % 2, w % 2  # yuv420p needs even sizes
     stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", r=fps)
     if pad_h or pad_w:
@@ -81,8 +85,35 @@ def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18) -> None:
     stream = ffmpeg.output(stream, str(path), format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=crf,
                            preset="medium", threads=4, movflags="+faststart", map_metadata=-1,
                            **{"fflags": "+bitexact", "flags:v": "+bitexact"})
-    ffmpeg.run(stream, cmd=ffmpeg_exe(), input=np.ascontiguousarray(frames).tobytes(), quiet=True,
-               overwrite_output=True)
+    return ffmpeg.compile(stream, cmd=ffmpeg_exe(), overwrite_output=True)
+
+
+def write_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18) -> None:
+    """H.264 yuv420p MP4. Bit-exact flags and a fixed x264 thread count (x264 output depends on the thread
+    count only) make a re-run give the same bytes on any machine. Raises StageFailed with ffmpeg's own last
+    words when it fails."""
+    frames = np.ascontiguousarray(frames)
+    cmd = mp4_command(frames.shape, fps, path, crf)
+    # The frames go to ffmpeg in one write from C (a copy-free view), not in the 4 KiB steps of
+    # Popen.communicate, each of which takes the GIL from the thread driving the GPU; ffmpeg's messages go to
+    # a file, so a chatty ffmpeg can never block on a full pipe.
+    with tempfile.TemporaryFile() as log:
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+        except OSError as e:  # not the store's fault: say which program
+            raise StageFailed(f"ffmpeg {cmd[0]} could not be started: {e.strerror or e}") from None
+        try:
+            proc.stdin.write(memoryview(frames).cast("B"))
+            proc.stdin.close()
+        except BrokenPipeError:  # ffmpeg stopped reading: its exit code and messages say why
+            pass
+        code = proc.wait()
+        if code != 0:
+            log.seek(0)
+            lines = [ln.strip() for ln in log.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+            said = "; ".join(lines[-3:]) or "no message"
+            raise StageFailed(f"ffmpeg could not encode the video ({frames.shape[0]} frames of "
+                              f"{frames.shape[2]}x{frames.shape[1]}; exit code {code}): {said}")
 
 
 def read_video(path: Path) -> np.ndarray:
@@ -101,7 +132,8 @@ def read_video(path: Path) -> np.ndarray:
 VERSION = 1
 
 
-def run(spec, store, run_id: str = "", on_step=None) -> dict:
+def run(spec, store, run_id: str = "", on_step=None) -> dict | None:
+    """Decode and write the MP4; None when the write was handed to the background writer (in a batch)."""
     t0 = time.perf_counter()
     latents = store.load_tensors(spec.upstream["latents"].ref)["latents"]
     decoder = get_model(spec, spec.params["vae"])
@@ -111,11 +143,17 @@ def run(spec, store, run_id: str = "", on_step=None) -> dict:
         frames = decode_latents(decoder, latents, bf16=spec.params.get("vae_dtype") == "bfloat16")
     check_finite("frames", frames, spec)
     pixels = to_uint8(frames)
+    del frames
     fps, crf = spec.params["fps"], spec.params["crf"]
-    return store.write_file(spec.ref, lambda tmp: write_mp4(pixels, fps, tmp, crf),
-                            sidecar(spec, VERSION, run_id, time.perf_counter() - t0,
-                                    {"frames": int(pixels.shape[0]), "height": int(pixels.shape[1]),
-                                     "width": int(pixels.shape[2])}))
+    side = sidecar(spec, VERSION, run_id, time.perf_counter() - t0,
+                   {"frames": int(pixels.shape[0]), "height": int(pixels.shape[1]), "width": int(pixels.shape[2])})
+
+    def produce(tmp: Path) -> None:
+        t1 = time.perf_counter()
+        write_mp4(pixels, fps, tmp, crf)
+        side["encode_s"] = round(time.perf_counter() - t1, 4)  # not in wall_s: it may run after the task
+
+    return store.write_file(spec.ref, produce, side, background=True)
 
 
 STAGE = Stage(name="decode", family="decode", version=VERSION, priority=10, component="vae",
