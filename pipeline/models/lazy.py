@@ -10,28 +10,23 @@ kept fp32, quantized linears kept quantized), so a streamed forward equals the r
 text embeddings, time embedding, head) read for real; the BlockStreamer then reads each unit's tensors on
 use. RAM holds the non-block weights, two staging buffers of one unit, and the unit being read.
 
-A LoRA is merged into the weights at load (models.lora); a unit read from the checkpoint would not have it,
-so lazy_load with a LoRA is refused rather than run without it (cpu_offload alone streams the merged weights
-from pinned RAM).
+A LoRA (models.lora) is applied to each tensor as it is read, exactly as the resident loader applies it at
+load: merged in float32 into a plain weight, or kept as a float32 side branch of a quantized linear (its
+`lora_down_n` / `lora_up_n` / `dense_delta_n` buffers are streamed with the unit). The LoRA files stay open
+(memory-mapped) beside the checkpoint; nothing of them is held in RAM between reads.
 """
 from __future__ import annotations
 
+import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
 
-
-def lora_refusal(ref: Any, expert: str) -> str | None:
-    """Why lazy_load cannot run this expert (a LoRA is set for it), or None."""
-    loras = [s for s in (getattr(ref, "loras", None) or {}).get(expert, []) if s.get("strength", 1.0) != 0]
-    if not loras:
-        return None
-    return (f"lazy_load reads each block of the {expert} expert from its checkpoint file when it runs, and a LoRA "
-            f"({loras[0]['path']}) is merged into the weights at load: the streamed blocks would run without it. "
-            f"Set lazy_load false (cpu_offload alone streams the merged weights from pinned RAM) or drop the LoRA")
+_SIDE = re.compile(r"(lora_down|lora_up|dense_delta)_\d+")
 
 
 class ExpertSource:
@@ -42,9 +37,6 @@ class ExpertSource:
         from .dit import DitWeights, empty_model, expected_shapes
         from .loader import dit_config
 
-        why = lora_refusal(ref, expert)
-        if why:
-            raise CheckpointError(why)
         self.config = dit_config(ref, expert)
         self.weights = DitWeights(ref.dits[expert]["weights"])
         found = self.weights.quant_scheme()
@@ -65,6 +57,41 @@ class ExpertSource:
             if e.encoding != "plain" and pname == "weight" and type(modules[mod_name]) is torch.nn.Linear:
                 self.quantized[mod_name] = e
         self._lock = threading.Lock()  # the staging thread and the caller share the open files
+        self._plan_loras(ref, expert, expected_shapes(model))
+
+    def _plan_loras(self, ref: Any, expert: str, expected: dict[str, tuple[int, ...]]) -> None:
+        """Which LoRA entries apply to which tensor, in the order load_dit's apply_loras applies them."""
+        from .lora import LoraSpec, resolve
+
+        self._merges: dict[str, list[tuple[Any, Any, LoraSpec]]] = {}  # plain tensor -> entries to merge
+        self._sides: dict[str, list[tuple[Any, Any, LoraSpec]]] = {}  # quantized linear -> side branches
+        self._lora_files = []
+        for spec in [LoraSpec(**s) for s in (ref.loras or {}).get(expert, []) if s.get("strength", 1.0) != 0]:
+            resolved, files = resolve(Path(spec.path), expected, expert)
+            self._lora_files.append(files)
+            for r in resolved:
+                mod_name, _, pname = r.target.rpartition(".")
+                table = self._sides if mod_name in self.quantized and pname == "weight" else self._merges
+                table.setdefault(mod_name if table is self._sides else r.target, []).append((r, files, spec))
+
+    def _side_branches(self, mod_name: str) -> tuple[dict[str, tuple[Any, ...]], list[float], list[float]]:
+        """A quantized linear's LoRA side branches, without reading them: buffer name (as QuantizedLinear's
+        add_lora / add_dense_delta name it) -> (entry, files, spec, part, shape), LoRA scales, dense scales."""
+        from .lora import _diff_scale, _scale
+
+        out_f, in_f = self.quantized[mod_name].shape[:2]
+        buffers, lora_scales, dense_scales = {}, [], []
+        for r, files, spec in self._sides.get(mod_name, ()):
+            e = r.entry
+            if e.kind == "pair":
+                n, down = len(lora_scales), tuple(files.shape(e.down))
+                buffers[f"lora_down_{n}"] = (r, files, spec, 0, down)
+                buffers[f"lora_up_{n}"] = (r, files, spec, 1, tuple(files.shape(e.up)))
+                lora_scales.append(float(_scale(e, down[0], spec)))
+            else:
+                buffers[f"dense_delta_{len(dense_scales)}"] = (r, files, spec, 0, (out_f, in_f))
+                dense_scales.append(float(_diff_scale(spec)))
+        return buffers, lora_scales, dense_scales
 
     def target_dtype(self, name: str) -> torch.dtype:
         return torch.float32 if any(m in name.split(".") for m in self.keep_fp32) else self.dtype
@@ -75,6 +102,14 @@ class ExpertSource:
         w = self.weights
         with self._lock:
             e = self.quantized.get(mod_name)
+            if e is not None and _SIDE.fullmatch(pname):
+                from .lora import side_branch
+
+                branch = self._side_branches(mod_name)[0].get(pname)
+                if branch is None:
+                    raise KeyError(f"{key} is not a LoRA branch of the quantized layer {mod_name}")
+                r, files, spec, part, _ = branch
+                return side_branch(r, files, spec, e.shape[0], e.shape[1])[1][part].contiguous()
             if e is not None and pname != "bias":
                 if w.is_gguf and pname == "qweight":
                     return w.files.raw(e.key)
@@ -86,7 +121,12 @@ class ExpertSource:
                 raise KeyError(f"{key} is not a tensor of the quantized layer {mod_name}")
             if key not in w.entries:
                 raise KeyError(f"tensor {key!r} is not in {w.path}")
-            return w.plain(key).to(self.target_dtype(key))
+            from .lora import merged
+
+            value = w.plain(key).to(self.target_dtype(key))
+            for r, files, spec in self._merges.get(key, ()):
+                value = merged(value, r, files, spec)
+            return value
 
     def __call__(self, keys: list[str]) -> dict[str, torch.Tensor]:
         return {k: self.tensor(k) for k in keys}
@@ -113,6 +153,10 @@ class ExpertSource:
             else:
                 layer = ScaledLinear(torch.empty(e.shape, dtype=self.weights.files.dtype(e.key), device=meta),
                                      torch.empty(e.shape[0], 1, device=meta), bias)
+            buffers, lora_scales, dense_scales = self._side_branches(mod_name)  # meta, like the rest
+            for name, branch in buffers.items():
+                layer.register_buffer(name, torch.empty(branch[-1], dtype=torch.float32, device=meta))
+            layer.lora_scales, layer.dense_scales = lora_scales, dense_scales
             set_module(model, mod_name, layer)
         streamed = tuple(name + "." for name, _ in stream_units(model, granularity))
         for mod_name, mod in model.named_modules():
@@ -132,3 +176,5 @@ class ExpertSource:
 
     def close(self) -> None:
         self.weights.close()
+        for files in self._lora_files:
+            files.close()

@@ -259,12 +259,6 @@ def resolve_model(config: GenerationConfig, task: str) -> ModelRef:
                    loras={e: [s.to_dict() for s in specs] for e, specs in loras.items()},
                    quant_scheme=scheme, image_encoder=image_encoder, tae=tae,
                    encoders=encoder_sources(config, folder, image_encoder))
-    if config.get("lazy_load") and config.get("cpu_offload"):  # refused when read, as at run time
-        from .lazy import lora_refusal
-
-        for e in experts:
-            if lora_refusal(ref, e):
-                raise CheckpointError(lora_refusal(ref, e))
     return ref
 
 

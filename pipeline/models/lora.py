@@ -316,25 +316,40 @@ def logical_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -
 
 
 def _apply_one(model: torch.nn.Module, r: Resolved, files: TensorFiles, spec: LoraSpec) -> int:
-    e = r.entry
     mod_name, _, pname = r.target.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
     if isinstance(mod, QuantizedLinear) and pname == "weight":
-        if e.kind == "pair":
-            down = files.get(e.down).float()
-            mod.add_lora(down, files.get(e.up).float(), _scale(e, down.shape[0], spec))
+        kind, tensors, scale = side_branch(r, files, spec, mod.out_features, mod.in_features)
+        if kind == "lora":
+            mod.add_lora(*tensors, scale)
         else:
-            mod.add_dense_delta(files.get(e.diff).float().reshape(mod.out_features, mod.in_features),
-                                _diff_scale(spec))
+            mod.add_dense_delta(*tensors, scale)
         return 1
     param = getattr(mod, pname)
+    param.data = merged(param.data, r, files, spec)
+    return 1
+
+
+def merged(value: torch.Tensor, r: Resolved, files: TensorFiles, spec: LoraSpec) -> torch.Tensor:
+    """A plain tensor with one resolved LoRA entry merged: added in float32, cast back to its dtype."""
+    e = r.entry
     if e.kind == "pair":
         down, up = files.get(e.down).float(), files.get(e.up).float()
         delta = (up @ down) * _scale(e, down.shape[0], spec)
     else:
-        delta = files.get(e.diff).float().reshape(param.shape) * _diff_scale(spec)
-    param.data = (param.data.float() + delta.to(param.device)).to(param.dtype)
-    return 1
+        delta = files.get(e.diff).float().reshape(value.shape) * _diff_scale(spec)
+    return (value.float() + delta.to(value.device)).to(value.dtype)
+
+
+def side_branch(r: Resolved, files: TensorFiles, spec: LoraSpec, out_features: int, in_features: int
+                ) -> tuple[str, list[torch.Tensor], float]:
+    """A resolved entry on a quantized linear, as its side branch: ('lora', [down, up], scale) or
+    ('dense', [delta], scale), float32 (re-quantizing a merged weight would change it)."""
+    e = r.entry
+    if e.kind == "pair":
+        down = files.get(e.down).float()
+        return "lora", [down, files.get(e.up).float()], _scale(e, down.shape[0], spec)
+    return "dense", [files.get(e.diff).float().reshape(out_features, in_features)], _diff_scale(spec)
 
 
 def check_lora(path: Path, expected: dict[str, tuple[int, ...]], expert: str) -> int:

@@ -18,6 +18,7 @@ import torch
 
 from ..store import atomic_path, atomic_write_text
 from ..models import wan_layout as wl
+from ..models.checkpoint import load_pth
 
 FP8 = torch.float8_e4m3fn
 QUANT_BLOCK = re.compile(r"^blocks\.\d+\.(self_attn|cross_attn|ffn)\.")
@@ -606,7 +607,7 @@ def write_quantized_encoder(source: Path, out: Path, linear_type: str) -> Path:
     """LightX2V's quantized T5 or CLIP file (`-o_e .pth`, as tools/convert/readme.md converts them) from Wan's
     .pth: non-linear tensors bf16 for T5, fp16 for CLIP, as the readme's commands set --non_linear_dtype."""
     clip = source.name == wl.CLIP_FILE
-    state = torch.load(source, map_location="cpu", weights_only=True)
+    state = dict(load_pth(source))
     q = converter_quantize(state, "wan_clip" if clip else "wan_t5", linear_type,
                            torch.float16 if clip else torch.bfloat16)
     if out.suffix == ".safetensors":  # the converter's default output (--single_file)
