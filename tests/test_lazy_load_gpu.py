@@ -35,3 +35,29 @@ def test_lazy_stream_on_gpu_equals_resident(kind, granularity, tiny_root, tmp_pa
             out = model(x, t, ctx, return_dict=False)[0]
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     model.wan_batch_streamer.remove()
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "fp8"])
+def test_lazy_stream_with_a_lora_on_gpu_equals_resident(kind, tiny_root, tmp_path, wan_t2v):  # noqa: F811
+    """LoRA merged into plain streamed weights (diffusers) and as float32 side branches streamed with the
+    quantized blocks (fp8), through pinned staging and the copy stream."""
+    from pipeline.testing import standins
+
+    lora = tmp_path / "lora.safetensors"
+    standins.write_lora(tiny_root / "t2v" / "transformer", lora, scale=0.1)
+    cfg = {**source_config(kind, tiny_root, tmp_path, wan_t2v),
+           "lora_configs": [{"name": "high_noise_model", "path": str(lora), "strength": 0.7}]}
+    ref = resolve_model(parse_config(cfg), "t2v")
+    x, t, ctx = (v.to(CUDA) for v in inputs())
+    resident = load_component(ref, "high", CUDA, torch.float32)
+    with torch.no_grad():
+        expected = resident(x, t, ctx, return_dict=False)[0]
+    del resident
+    runtime = {"cpu_offload": True, "offload_granularity": "block", "lazy_load": True,
+               "activation_reserve_gb": 0, "self_attn_1_type": "torch_sdpa"}
+    model = load_dit(load_component, ref, "high", CUDA, torch.float32, runtime, budget=0)
+    assert model.wan_batch_perf["offload"]["lazy_load"]
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(model(x, t, ctx, return_dict=False)[0], expected, atol=1e-5, rtol=0)
+    model.wan_batch_streamer.remove()
