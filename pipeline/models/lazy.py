@@ -77,7 +77,7 @@ class ExpertSource:
     def _side_branches(self, mod_name: str) -> tuple[dict[str, tuple[Any, ...]], list[float], list[float]]:
         """A quantized linear's LoRA side branches, without reading them: buffer name (as QuantizedLinear's
         add_lora / add_dense_delta name it) -> (entry, files, spec, part, shape), LoRA scales, dense scales."""
-        from .lora import _diff_scale, _scale
+        from .lora import diff_scale, pair_scale
 
         out_f, in_f = self.quantized[mod_name].shape[:2]
         buffers, lora_scales, dense_scales = {}, [], []
@@ -87,10 +87,10 @@ class ExpertSource:
                 n, down = len(lora_scales), tuple(files.shape(e.down))
                 buffers[f"lora_down_{n}"] = (r, files, spec, 0, down)
                 buffers[f"lora_up_{n}"] = (r, files, spec, 1, tuple(files.shape(e.up)))
-                lora_scales.append(float(_scale(e, down[0], spec)))
+                lora_scales.append(float(pair_scale(e, down[0], spec)))
             else:
                 buffers[f"dense_delta_{len(dense_scales)}"] = (r, files, spec, 0, (out_f, in_f))
-                dense_scales.append(float(_diff_scale(spec)))
+                dense_scales.append(float(diff_scale(spec)))
         return buffers, lora_scales, dense_scales
 
     def target_dtype(self, name: str) -> torch.dtype:

@@ -270,7 +270,7 @@ def _warn_name_mismatch(path: Path, expert: str) -> None:
                     "(lora_configs name); check the target", path, says, expert)
 
 
-def _scale(e: LoraEntry, rank: int, spec: LoraSpec) -> float:
+def pair_scale(e: LoraEntry, rank: int, spec: LoraSpec) -> float:
     if e.alpha is not None:
         base = e.alpha / (math.sqrt(rank) if e.rslora else rank)
     elif spec.alpha is not None:
@@ -280,7 +280,7 @@ def _scale(e: LoraEntry, rank: int, spec: LoraSpec) -> float:
     return base * spec.strength
 
 
-def _diff_scale(spec: LoraSpec) -> float:
+def diff_scale(spec: LoraSpec) -> float:
     """LightX2V's LoRALoader: a full difference is added times strength, and times the config's alpha if set."""
     return spec.strength * (spec.alpha if spec.alpha is not None else 1.0)
 
@@ -335,9 +335,9 @@ def merged(value: torch.Tensor, r: Resolved, files: TensorFiles, spec: LoraSpec)
     e = r.entry
     if e.kind == "pair":
         down, up = files.get(e.down).float(), files.get(e.up).float()
-        delta = (up @ down) * _scale(e, down.shape[0], spec)
+        delta = (up @ down) * pair_scale(e, down.shape[0], spec)
     else:
-        delta = files.get(e.diff).float().reshape(value.shape) * _diff_scale(spec)
+        delta = files.get(e.diff).float().reshape(value.shape) * diff_scale(spec)
     return (value.float() + delta.to(value.device)).to(value.dtype)
 
 
@@ -348,8 +348,8 @@ def side_branch(r: Resolved, files: TensorFiles, spec: LoraSpec, out_features: i
     e = r.entry
     if e.kind == "pair":
         down = files.get(e.down).float()
-        return "lora", [down, files.get(e.up).float()], _scale(e, down.shape[0], spec)
-    return "dense", [files.get(e.diff).float().reshape(out_features, in_features)], _diff_scale(spec)
+        return "lora", [down, files.get(e.up).float()], pair_scale(e, down.shape[0], spec)
+    return "dense", [files.get(e.diff).float().reshape(out_features, in_features)], diff_scale(spec)
 
 
 def check_lora(path: Path, expected: dict[str, tuple[int, ...]], expert: str) -> int:
