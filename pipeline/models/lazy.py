@@ -17,7 +17,6 @@ load: merged in float32 into a plain weight, or kept as a float32 side branch of
 """
 from __future__ import annotations
 
-import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,6 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-
-_SIDE = re.compile(r"(lora_down|lora_up|dense_delta)_\d+")
 
 
 class ExpertSource:
@@ -60,38 +57,34 @@ class ExpertSource:
         self._plan_loras(ref, expert, expected_shapes(model))
 
     def _plan_loras(self, ref: Any, expert: str, expected: dict[str, tuple[int, ...]]) -> None:
-        """Which LoRA entries apply to which tensor, in the order load_dit's apply_loras applies them."""
-        from .lora import LoraSpec, resolve
+        """Which LoRA entries apply to which tensor, in the order load_dit's apply_loras applies them: merged
+        into a plain tensor, or side branches of a quantized linear, laid out as QuantizedLinear.add_lora /
+        add_dense_delta name their buffers (read from the LoRA file only when streamed)."""
+        from .lora import LoraSpec, diff_scale, pair_scale, resolve
 
         self._merges: dict[str, list[tuple[Any, Any, LoraSpec]]] = {}  # plain tensor -> entries to merge
-        self._sides: dict[str, list[tuple[Any, Any, LoraSpec]]] = {}  # quantized linear -> side branches
+        # quantized linear -> ({buffer: (files, file key, shape)}, LoRA scales, dense scales)
+        self._sides: dict[str, tuple[dict[str, tuple[Any, str, tuple[int, ...]]], list[float], list[float]]] = {}
         self._lora_files = []
         for spec in [LoraSpec(**s) for s in (ref.loras or {}).get(expert, []) if s.get("strength", 1.0) != 0]:
             resolved, files = resolve(Path(spec.path), expected, expert)
             self._lora_files.append(files)
             for r in resolved:
                 mod_name, _, pname = r.target.rpartition(".")
-                table = self._sides if mod_name in self.quantized and pname == "weight" else self._merges
-                table.setdefault(mod_name if table is self._sides else r.target, []).append((r, files, spec))
-
-    def _side_branches(self, mod_name: str) -> tuple[dict[str, tuple[Any, ...]], list[float], list[float]]:
-        """A quantized linear's LoRA side branches, without reading them: buffer name (as QuantizedLinear's
-        add_lora / add_dense_delta name it) -> (entry, files, spec, part, shape), LoRA scales, dense scales."""
-        from .lora import diff_scale, pair_scale
-
-        out_f, in_f = self.quantized[mod_name].shape[:2]
-        buffers, lora_scales, dense_scales = {}, [], []
-        for r, files, spec in self._sides.get(mod_name, ()):
-            e = r.entry
-            if e.kind == "pair":
-                n, down = len(lora_scales), tuple(files.shape(e.down))
-                buffers[f"lora_down_{n}"] = (r, files, spec, 0, down)
-                buffers[f"lora_up_{n}"] = (r, files, spec, 1, tuple(files.shape(e.up)))
-                lora_scales.append(float(pair_scale(e, down[0], spec)))
-            else:
-                buffers[f"dense_delta_{len(dense_scales)}"] = (r, files, spec, 0, (out_f, in_f))
-                dense_scales.append(float(diff_scale(spec)))
-        return buffers, lora_scales, dense_scales
+                if not (mod_name in self.quantized and pname == "weight"):
+                    self._merges.setdefault(r.target, []).append((r, files, spec))
+                    continue
+                buffers, lora_scales, dense_scales = self._sides.setdefault(mod_name, ({}, [], []))
+                e = r.entry
+                if e.kind == "pair":
+                    n, down = len(lora_scales), tuple(files.shape(e.down))
+                    buffers[f"lora_down_{n}"] = (files, e.down, down)
+                    buffers[f"lora_up_{n}"] = (files, e.up, tuple(files.shape(e.up)))
+                    lora_scales.append(float(pair_scale(e, down[0], spec)))
+                else:
+                    out_in = tuple(self.quantized[mod_name].shape[:2])
+                    buffers[f"dense_delta_{len(dense_scales)}"] = (files, e.diff, out_in)
+                    dense_scales.append(float(diff_scale(spec)))
 
     def target_dtype(self, name: str) -> torch.dtype:
         return torch.float32 if any(m in name.split(".") for m in self.keep_fp32) else self.dtype
@@ -102,14 +95,10 @@ class ExpertSource:
         w = self.weights
         with self._lock:
             e = self.quantized.get(mod_name)
-            if e is not None and _SIDE.fullmatch(pname):
-                from .lora import side_branch
-
-                branch = self._side_branches(mod_name)[0].get(pname)
-                if branch is None:
-                    raise KeyError(f"{key} is not a LoRA branch of the quantized layer {mod_name}")
-                r, files, spec, part, _ = branch
-                return side_branch(r, files, spec, e.shape[0], e.shape[1])[1][part].contiguous()
+            branch = self._sides.get(mod_name, ({},))[0].get(pname)
+            if branch is not None:  # a LoRA side branch, float32 as models.lora.side_branch makes it
+                files, file_key, shape = branch
+                return files.get(file_key).float().reshape(shape).contiguous()
             if e is not None and pname != "bias":
                 if w.is_gguf and pname == "qweight":
                     return w.files.raw(e.key)
@@ -153,10 +142,10 @@ class ExpertSource:
             else:
                 layer = ScaledLinear(torch.empty(e.shape, dtype=self.weights.files.dtype(e.key), device=meta),
                                      torch.empty(e.shape[0], 1, device=meta), bias)
-            buffers, lora_scales, dense_scales = self._side_branches(mod_name)  # meta, like the rest
-            for name, branch in buffers.items():
-                layer.register_buffer(name, torch.empty(branch[-1], dtype=torch.float32, device=meta))
-            layer.lora_scales, layer.dense_scales = lora_scales, dense_scales
+            buffers, lora_scales, dense_scales = self._sides.get(mod_name, ({}, [], []))  # meta, like the rest
+            for name, (_, _, shape) in buffers.items():
+                layer.register_buffer(name, torch.empty(shape, dtype=torch.float32, device=meta))
+            layer.lora_scales, layer.dense_scales = list(lora_scales), list(dense_scales)
             set_module(model, mod_name, layer)
         streamed = tuple(name + "." for name, _ in stream_units(model, granularity))
         for mod_name, mod in model.named_modules():

@@ -607,7 +607,7 @@ def write_quantized_encoder(source: Path, out: Path, linear_type: str) -> Path:
     """LightX2V's quantized T5 or CLIP file (`-o_e .pth`, as tools/convert/readme.md converts them) from Wan's
     .pth: non-linear tensors bf16 for T5, fp16 for CLIP, as the readme's commands set --non_linear_dtype."""
     clip = source.name == wl.CLIP_FILE
-    state = dict(load_pth(source))
+    state = load_pth(source)
     q = converter_quantize(state, "wan_clip" if clip else "wan_t5", linear_type,
                            torch.float16 if clip else torch.bfloat16)
     if out.suffix == ".safetensors":  # the converter's default output (--single_file)
