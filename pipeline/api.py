@@ -193,11 +193,13 @@ class WanBatchPipeline:
 
     def enable_lora(self, lora_configs: list[dict], lora_dynamic_apply: bool = False) -> None:
         """LoRAs per expert ([{name: high_noise_model | low_noise_model, path, strength}]). wan-batch merges
-        them into the expert it loads (lora_dynamic_apply's unmerged path gives the same result); the LoRA set
-        is part of the expert's fingerprint, so an expert with and one without a LoRA never share a cache
-        entry, and switching back returns the unpatched weights exactly."""
+        them into the expert it loads; `lora_dynamic_apply` (LightX2V's unmerged path) is kept as the config key
+        of that name, a kernel choice with the same result (docs/config.md). The LoRA set is part of the
+        expert's fingerprint, so an expert with and one without a LoRA never share a cache entry, and switching
+        back returns the unpatched weights exactly."""
         self.values["lora_configs"] = [dict(c, path=str(Path(c["path"]).resolve())) if c.get("path") else dict(c)
                                        for c in lora_configs]
+        self.values["lora_dynamic_apply"] = lora_dynamic_apply
         self._changed()
 
     def switch_lora(self, lora_path: str = "", strength: float = 1.0, *, high_lora_path: str | None = None,

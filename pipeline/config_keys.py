@@ -210,6 +210,9 @@ KEYS: dict[str, Key] = {
     "unload_modules": _kernel("frees modules after use: memory only (here the resident cache's budget decides)"),
     "offload_ratio": _kernel("share of blocks streamed under cpu_offload: here the VRAM budget decides; memory only"),
     "num_disk_workers": _kernel("reader threads for lazy_load: speed only"),
+    "lora_dynamic_apply": _kernel("LoRA computed in the forward instead of merged (LightX2V's memory-saving path): "
+                                  "the same function; here LoRAs are merged into plain weights and run as side "
+                                  "branches of quantized ones", (bool,)),
     "vae_offload_cache": _kernel("keeps the VAE's temporal cache on the CPU: memory only"),
     "use_31_block": Key(KERNEL, (bool,), "CLIP features from block 31 (Wan's I2V does this; true only)",
                         _true_only("use_31_block false (CLIP features from the last block) is not implemented")),

@@ -110,3 +110,19 @@ def test_enable_quantize_gives_the_encoders_quant_scheme(tmp_path):
     v = pipe.values
     assert (v["t5_quantized"], v["t5_quant_scheme"], v["clip_quantized"], v["clip_quant_scheme"]) == \
         (True, "int8-q8f", True, "int8-q8f")
+
+
+def test_lora_dynamic_apply_is_kept_as_its_config_key_not_dropped(tmp_path):
+    """enable_lora(lora_dynamic_apply=...) lands in the config as LightX2V's key, a documented kernel choice,
+    and a value of the wrong type is refused when the config is read."""
+    from pipeline.api import LightX2VPipeline
+    from pipeline.config_keys import KEYS, KERNEL
+    from pipeline.errors import ConfigError
+
+    pipe = LightX2VPipeline(model_path="builtin:tiny", task="t2v")
+    pipe.enable_lora([], lora_dynamic_apply=True)
+    assert pipe.values["lora_dynamic_apply"] is True and KEYS["lora_dynamic_apply"].kind == KERNEL
+    assert pipe.config()["lora_dynamic_apply"] is True
+    pipe.values["lora_dynamic_apply"] = "yes"
+    with pytest.raises(ConfigError, match="lora_dynamic_apply"):
+        pipe.config()
